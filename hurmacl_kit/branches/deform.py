@@ -1,0 +1,188 @@
+"""Deformable convolution (DCNv1 and the modulated DCNv2) built on ``grid_sample``.
+
+``deform_conv2d`` takes the arguments of ``torchvision.ops.deform_conv2d``
+(torchvision 0.15 and later) with the same meaning and memory layout:
+
+- ``offset`` is (B, 2 * G * kh * kw, H_out, W_out). For offset group g and
+  kernel tap k = i * kw + j, channel g * 2 * kh * kw + 2 * k holds the row
+  (y) offset and the next channel the column (x) offset, in pixels.
+- ``mask`` is (B, G * kh * kw, H_out, W_out) and scales each sampled value.
+- Input channels are split evenly over the G offset groups.
+
+Sampling is bilinear, and a corner outside the image counts as 0, which is
+what torchvision's kernels do. When torchvision imports and ``backend`` is
+"auto", its compiled operator is used instead.
+
+References:
+    J. Dai et al., "Deformable Convolutional Networks", ICCV 2017.
+    X. Zhu et al., "Deformable ConvNets v2: More Deformable, Better Results",
+    CVPR 2019.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Apply a deformable 2D convolution with torchvision's arguments.
+
+    Args:
+        input: (B, C_in, H, W).
+        offset: (B, 2 * G * kh * kw, H_out, W_out) sampling offsets in pixels.
+        weight: (C_out, C_in / groups, kh, kw). ``groups`` follows from the shapes.
+        bias: (C_out,) or None.
+        stride: int or (sh, sw).
+        padding: int or (ph, pw).
+        dilation: int or (dh, dw).
+        mask: (B, G * kh * kw, H_out, W_out) modulation, or None for DCNv1.
+        backend: "auto" (torchvision when it imports, else PyTorch), "torch"
+            or "torchvision".
+
+    Returns:
+        (B, C_out, H_out, W_out).
+
+    Raises:
+        ValueError: On inconsistent shapes or an unknown backend.
+    """
+    if backend not in ("auto", "torch", "torchvision"):
+        raise ValueError(f"unknown deform_conv2d backend {backend!r}; use 'auto', 'torch' or 'torchvision'")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    geometry = _geometry(input, offset, weight, mask, stride, padding, dilation)
+
+    operator = _torchvision_operator() if backend != "torch" else None
+    if backend == "torchvision" and operator is None:
+        raise RuntimeError("backend='torchvision' requested but torchvision.ops does not import here")
+    if operator is not None:
+        return operator(input, offset, weight, bias, stride, padding, dilation, mask)
+
+    columns = _sample_columns(input, offset, mask, geometry, stride, padding, dilation)
+    return _apply_weight(columns, weight, bias, geometry)
+
+
+def _geometry(input, offset, weight, mask, stride, padding, dilation) -> dict:
+    if input.dim() != 4:
+        raise ValueError(f"input must be (B, C_in, H, W), got shape {tuple(input.shape)}")
+    batch, in_channels, height, width = input.shape
+    out_channels, group_channels, kernel_h, kernel_w = weight.shape
+    if group_channels == 0 or in_channels % group_channels:
+        raise ValueError(f"weight {tuple(weight.shape)} does not divide the {in_channels} input channels into groups")
+    groups = in_channels // group_channels
+    taps = kernel_h * kernel_w
+
+    out_h = (height + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"input {height}x{width} is too small for kernel {kernel_h}x{kernel_w} with this padding")
+
+    if offset.dim() != 4 or offset.shape[0] != batch or offset.shape[2:] != (out_h, out_w) or offset.shape[1] % (2 * taps):
+        raise ValueError(
+            f"offset must be ({batch}, 2 * offset_groups * {taps}, {out_h}, {out_w}), got {tuple(offset.shape)}"
+        )
+    offset_groups = offset.shape[1] // (2 * taps)
+    if in_channels % offset_groups:
+        raise ValueError(f"{offset_groups} offset groups do not divide the {in_channels} input channels")
+    if mask is not None and mask.shape != (batch, offset_groups * taps, out_h, out_w):
+        raise ValueError(
+            f"mask must be ({batch}, {offset_groups * taps}, {out_h}, {out_w}) to match offset, got {tuple(mask.shape)}"
+        )
+    return dict(
+        batch=batch, in_channels=in_channels, height=height, width=width, out_channels=out_channels,
+        groups=groups, kernel=(kernel_h, kernel_w), out=(out_h, out_w), offset_groups=offset_groups,
+    )
+
+
+def _sample_columns(input, offset, mask, geometry, stride, padding, dilation) -> torch.Tensor:
+    """Sample the input at every deformed tap: (B, C_in * kh * kw, H_out * W_out)."""
+    batch, in_channels = geometry["batch"], geometry["in_channels"]
+    height, width = geometry["height"], geometry["width"]
+    kernel_h, kernel_w = geometry["kernel"]
+    out_h, out_w = geometry["out"]
+    offset_groups = geometry["offset_groups"]
+    taps = kernel_h * kernel_w
+
+    # Regular grid positions of every tap, (taps, out_h, out_w), in input pixels.
+    rows = torch.arange(out_h, device=input.device, dtype=input.dtype) * stride[0] - padding[0]
+    cols = torch.arange(out_w, device=input.device, dtype=input.dtype) * stride[1] - padding[1]
+    tap_rows = (torch.arange(kernel_h, device=input.device, dtype=input.dtype) * dilation[0]).repeat_interleave(kernel_w)
+    tap_cols = (torch.arange(kernel_w, device=input.device, dtype=input.dtype) * dilation[1]).repeat(kernel_h)
+    base_y = tap_rows[:, None, None] + rows[None, :, None]  # (taps, out_h, 1)
+    base_x = tap_cols[:, None, None] + cols[None, None, :]  # (taps, 1, out_w)
+
+    offset = offset.view(batch, offset_groups, taps, 2, out_h, out_w)
+    y = base_y + offset[:, :, :, 0]  # (B, G, taps, out_h, out_w)
+    x = base_x + offset[:, :, :, 1]
+    sampled = bilinear_sample(input, y, x, offset_groups)  # (B, G, C_in / G, taps, out_h, out_w)
+
+    if mask is not None:
+        sampled = sampled * mask.view(batch, offset_groups, 1, taps, out_h, out_w)
+    return sampled.reshape(batch, in_channels * taps, out_h * out_w)
+
+
+def bilinear_sample(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sample ``input`` bilinearly at pixel coordinates, zero outside the image.
+
+    Args:
+        input: (B, C, H, W).
+        y: (B, G, *S) row coordinates in pixels (0 is the first row's centre).
+        x: (B, G, *S) column coordinates, same shape.
+        groups: G. Channel c is sampled at the coordinates of group c // (C / G).
+
+    Returns:
+        (B, G, C / G, *S).
+    """
+    batch, channels, height, width = input.shape
+    sample_shape = y.shape[2:]
+
+    # grid_sample with align_corners=False maps pixel p to (2p + 1) / size - 1,
+    # which is valid for every size, including 1.
+    grid_x = (2.0 * x + 1.0) / width - 1.0
+    grid_y = (2.0 * y + 1.0) / height - 1.0
+    grid = torch.stack([grid_x, grid_y], dim=-1).reshape(batch * groups, -1, 1, 2)  # (B*G, S, 1, 2)
+
+    grouped = input.reshape(batch * groups, channels // groups, height, width)
+    sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return sampled.reshape(batch, groups, channels // groups, *sample_shape)
+
+
+def _apply_weight(columns, weight, bias, geometry) -> torch.Tensor:
+    batch, groups = geometry["batch"], geometry["groups"]
+    out_h, out_w = geometry["out"]
+    out_channels = geometry["out_channels"]
+
+    # Columns are ordered channel-major, tap-minor, like weight.view(C_out, -1).
+    columns = columns.view(batch, groups, -1, out_h * out_w)  # (B, groups, C_in/groups * taps, L)
+    kernel = weight.reshape(groups, out_channels // groups, -1)  # (groups, C_out/groups, C_in/groups * taps)
+    output = torch.einsum("goi,bgil->bgol", kernel, columns).reshape(batch, out_channels, out_h, out_w)
+    if bias is not None:
+        output = output + bias.view(1, -1, 1, 1)
+    return output
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_operator():
+    try:
+        from torchvision.ops import deform_conv2d as operator
+    except Exception:  # noqa: BLE001 - a broken torchvision raises RuntimeError, not ImportError
+        return None
+    return operator
+
+
+def torchvision_available() -> bool:
+    """Return True when ``torchvision.ops.deform_conv2d`` imports here."""
+    return _torchvision_operator() is not None

@@ -1,0 +1,25 @@
+"""Named training settings: a short CPU run for the demo and CI, and a full GPU run.
+
+A preset fills ``TrainConfig`` fields; command-line options override it.
+"""
+
+from __future__ import annotations
+
+# Small branches keep a CPU step near 1 s at batch 8 and 96 x 96 crops
+# (measured on 2 cores with benchmarks/bench_training_step.py).
+CPU_BRANCHES = dict(vim_d_model=16, vim_depth=1, vim_patch_size=8, dcnn_hidden=8, dcnn_layers=1)
+
+PRESETS: dict[str, dict] = {
+    "demo": dict(steps=600, batch_size=8, patch_size=96, checkpoint_every=50, model=CPU_BRANCHES),
+    "quick": dict(steps=20, batch_size=4, patch_size=64, checkpoint_every=10, model=CPU_BRANCHES),
+    "full": dict(steps=25000, batch_size=16, patch_size=None, checkpoint_every=500, model={}),
+}
+
+
+def preset(name: str) -> dict:
+    """Return a copy of the named preset's ``TrainConfig`` fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    values = dict(PRESETS[name])
+    values["model"] = dict(values["model"])
+    return values
