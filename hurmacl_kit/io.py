@@ -37,6 +37,8 @@ def atomic_path(destination: str | os.PathLike, suffix: str = "") -> Iterator[Pa
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        # mkstemp creates the file with mode 0600; give it the usual mode for new files.
+        os.chmod(temporary_path, 0o666 & ~_current_umask())
         os.replace(temporary_path, destination)
     finally:
         temporary_path.unlink(missing_ok=True)
@@ -61,3 +63,9 @@ def atomic_save(destination: str | os.PathLike, save: Callable[[Path], None], su
     """
     with atomic_path(destination, suffix=suffix) as temporary:
         save(temporary)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
