@@ -14,6 +14,7 @@ Only torch is needed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -116,7 +117,8 @@ def hard_fraction(mask: torch.Tensor) -> float:
 
 def validate_threshold(threshold: float) -> None:
     """Raise ValueError unless 0 < threshold < 1."""
-    if not (isinstance(threshold, (int, float)) and 0.0 < float(threshold) < 1.0):
+    is_number = isinstance(threshold, numbers.Real) and not isinstance(threshold, bool)
+    if not (is_number and 0.0 < float(threshold) < 1.0):
         raise ValueError(
             f"invalid uncertainty threshold T={threshold!r}: normalised entropy lies in [0, 1], "
             f"so T must be in (0, 1); the HUR-MACL default is {DEFAULT_THRESHOLD}"

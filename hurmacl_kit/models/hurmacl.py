@@ -89,6 +89,7 @@ class HURMACLConfig:
 
     def __post_init__(self):
         self.features = tuple(self.features)
+        self.threshold = float(self.threshold)
         self.hurm_levels = tuple(self.hurm_levels)
         self.validate()
 

@@ -9,8 +9,12 @@ import torch.nn.functional as F
 def soft_dice_loss(probabilities: torch.Tensor, one_hot: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """Return 1 - mean soft Dice over the foreground classes present in the batch.
 
-    Sums run over the whole batch (batch Dice, as in nnU-Net), which keeps
-    the loss defined for slices without an organ.
+    Sums run over the whole batch (batch Dice, as in nnU-Net). Classes absent
+    from the batch are left out: their Dice would be smooth / (sum p + smooth),
+    whose gradient grows like 1 / smooth as sum p goes to 0 and, after
+    gradient clipping, drowns every other gradient. Cross-entropy still
+    penalises predictions of absent classes. A batch without any organ gives
+    a graph-connected 0.
 
     Args:
         probabilities: (B, C, H, W).
@@ -19,9 +23,14 @@ def soft_dice_loss(probabilities: torch.Tensor, one_hot: torch.Tensor, smooth: f
     """
     dims = (0, 2, 3)
     intersection = (probabilities * one_hot).sum(dims)
-    total = probabilities.sum(dims) + one_hot.sum(dims)
+    target_total = one_hot.sum(dims)
+    total = probabilities.sum(dims) + target_total
     dice = (2 * intersection + smooth) / (total + smooth)
-    return 1.0 - dice[1:].mean()
+
+    present = target_total[1:] > 0
+    if not bool(present.any()):
+        return probabilities.sum() * 0.0
+    return 1.0 - dice[1:][present].mean()
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

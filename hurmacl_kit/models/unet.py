@@ -73,6 +73,12 @@ class UNet2D(nn.Module):
             H_l = floor(H / 2^l) after the pooling chain.
         """
         # x: (B, C_in, H, W)
+        minimum = 2 ** (len(self.encoder) - 1) * 2
+        if min(x.shape[-2:]) < minimum:
+            raise ValueError(
+                f"input {tuple(x.shape[-2:])} is too small for {len(self.encoder)} stages: each side must be at "
+                f"least {minimum} pixels so that instance norm sees more than one pixel at the bottleneck"
+            )
         skips = []
         for index, stage in enumerate(self.encoder):
             if index > 0:
