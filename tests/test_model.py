@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -245,3 +246,32 @@ def test_predict_without_branches_at_level0():
     with torch.no_grad():
         expected = torch.softmax(model.unet(image)[0], dim=1)
     torch.testing.assert_close(probabilities, expected, rtol=0, atol=0)
+
+
+def test_class_weights_hand_counts():
+    from hurmacl_kit.models.losses import class_weights
+
+    target = torch.zeros(1, 10, 10, dtype=torch.long)
+    target[0, :1] = 1  # 10 pixels of class 1, 90 of background
+
+    weights = class_weights(target, num_classes=3)
+
+    assert weights[0].item() == pytest.approx(1.0)
+    assert weights[1].item() == pytest.approx(math.sqrt(91 / 11))
+    assert weights[2].item() == pytest.approx(math.sqrt(91 / 1))
+
+
+def test_masked_loss_ignores_outside_pixels():
+    from hurmacl_kit.models.losses import masked_segmentation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 4, 4)
+    target = torch.randint(0, 3, (1, 4, 4))
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    changed = logits.clone()
+    changed[..., 2:, :] = torch.randn(1, 3, 2, 4) * 10
+
+    assert masked_segmentation_loss(logits, target, mask).item() == pytest.approx(
+        masked_segmentation_loss(changed, target, mask).item()
+    )

@@ -9,9 +9,11 @@ from __future__ import annotations
 # (measured on 2 cores with benchmarks/bench_training_step.py).
 CPU_BRANCHES = dict(vim_d_model=16, vim_depth=1, vim_patch_size=8, dcnn_hidden=8, dcnn_layers=1)
 
+# NOTE: the CPU presets start at lr 1e-2, nnU-Net's initial rate, instead of HUR-MACL's
+# 1e-3, because a few hundred steps at 1e-3 leave the organs unlearned.
 PRESETS: dict[str, dict] = {
-    "demo": dict(steps=600, batch_size=8, patch_size=96, checkpoint_every=50, model=CPU_BRANCHES),
-    "quick": dict(steps=20, batch_size=4, patch_size=64, checkpoint_every=10, model=CPU_BRANCHES),
+    "demo": dict(steps=600, batch_size=8, patch_size=96, learning_rate=1e-2, checkpoint_every=50, model=CPU_BRANCHES),
+    "quick": dict(steps=20, batch_size=4, patch_size=64, learning_rate=1e-2, checkpoint_every=10, model=CPU_BRANCHES),
     "full": dict(steps=25000, batch_size=16, patch_size=None, checkpoint_every=500, model={}),
 }
 

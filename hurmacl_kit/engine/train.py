@@ -45,6 +45,7 @@ class TrainConfig:
         train_split: Split of ``dataset.json`` to train on.
         steps: Optimiser steps in the whole schedule.
         batch_size: Slices per step.
+        optimizer: "sgd" (Nesterov momentum, the HUR-MACL setting) or "adamw".
         learning_rate: Initial learning rate.
         momentum: SGD momentum (Nesterov).
         weight_decay: L2 weight decay.
@@ -65,6 +66,7 @@ class TrainConfig:
     train_split: str = "train"
     steps: int = 1000
     batch_size: int = 8
+    optimizer: str = "sgd"
     learning_rate: float = 1e-3
     momentum: float = 0.99
     weight_decay: float = 3e-5
@@ -86,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive and finite, got {self.learning_rate!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -162,6 +166,16 @@ def draw_batch(dataset: data.SliceDataset, step: int, config: TrainConfig) -> di
     }
 
 
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Return SGD with Nesterov momentum (the HUR-MACL setting) or AdamW."""
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+            nesterov=True, weight_decay=config.weight_decay,
+        )
+    return torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def poly_learning_rate(config: TrainConfig, step: int) -> float:
     """Return lr * (1 - step / steps) ** power."""
     return config.learning_rate * (1.0 - step / config.steps) ** config.poly_power
@@ -199,10 +213,7 @@ def train(
     seed_everything(config.seed)
     dataset, info = build_training_set(config)
     model = HURMACL(config.model_config(num_classes=len(info.labels))).to(device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-        nesterov=True, weight_decay=config.weight_decay,
-    )
+    optimizer = build_optimizer(model, config)
 
     start_step, history = 0, []
     if resume and checkpoint_path.exists():
