@@ -265,10 +265,30 @@ def test_dcnn_offset_predictor_gets_gradient():
         assert layer[0].offset_predictor.weight.grad.abs().sum() > 0
 
 
-def test_dcnn_mask_argument_ignored():
-    branch = small_dcnn()
+def test_dcnn_dense_path_ignores_mask():
+    branch = small_dcnn(sparse_below=0.0)
     x = probabilities(1, 12, 12)
 
     with_mask = branch(x, torch.zeros(1, 12, 12, dtype=torch.bool))
 
     torch.testing.assert_close(with_mask, branch(x), rtol=0, atol=0)
+
+
+def test_dcnn_sparse_equals_dense_at_hard_pixels():
+    sparse = small_dcnn(sparse_below=1.0).double()
+    dense = small_dcnn(sparse_below=0.0).double()
+    dense.load_state_dict(sparse.state_dict())
+    with torch.no_grad():
+        for layer in list(sparse.layers) + list(dense.layers):
+            layer[0].offset_predictor.weight.normal_(0.0, 0.05)  # non-zero offsets
+        dense.load_state_dict(sparse.state_dict())
+    x = probabilities(2, 11, 13).double()
+    mask = torch.zeros(2, 11, 13, dtype=torch.bool)
+    mask[0, 2:5, 3:7] = True
+    mask[1, 8, 12] = True
+
+    sparse_out = sparse(x, mask)
+    dense_out = dense(x, mask)
+
+    hard = mask.unsqueeze(1).expand_as(dense_out)
+    torch.testing.assert_close(sparse_out[hard], dense_out[hard], rtol=1e-10, atol=1e-10)

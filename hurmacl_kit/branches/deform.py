@@ -1,4 +1,4 @@
-"""Deformable convolution (DCNv1 and the modulated DCNv2) built on ``grid_sample``.
+"""Deformable convolution (DCNv1 and the modulated DCNv2) in pure PyTorch.
 
 ``deform_conv2d`` takes the arguments of ``torchvision.ops.deform_conv2d``
 (torchvision 0.15 and later) with the same meaning and memory layout:
@@ -10,8 +10,15 @@
 - Input channels are split evenly over the G offset groups.
 
 Sampling is bilinear, and a corner outside the image counts as 0, which is
-what torchvision's kernels do. When torchvision imports and ``backend`` is
-"auto", its compiled operator is used instead.
+what torchvision's kernels do. ``deform_conv2d`` samples through
+``grid_sample``. When torchvision imports and ``backend`` is "auto", its
+compiled operator is used instead.
+
+``deform_conv2d_at`` computes the same convolution at chosen output pixels
+only, so a caller that needs a sparse set of pixels pays for those alone. It
+reads the four corners of each sample with ``index_select`` from a
+channels-last copy of the input, weights them once for all channels of an
+offset group, and applies the weight with one matrix product.
 
 References:
     J. Dai et al., "Deformable Convolutional Networks", ICCV 2017.
@@ -71,8 +78,138 @@ def deform_conv2d(
     if operator is not None:
         return operator(input, offset, weight, bias, stride, padding, dilation, mask)
 
+    # For the dense case grid_sample's fused kernels ran 2-5x faster than the
+    # index_select sampler of deform_conv2d_at (forward plus backward, 2 CPU cores).
     columns = _sample_columns(input, offset, mask, geometry, stride, padding, dilation)
     return _apply_weight(columns, weight, bias, geometry)
+
+
+def deform_conv2d_at(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    output_size: tuple[int, int],
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Apply ``deform_conv2d`` at selected output pixels only.
+
+    The cost is proportional to the number of selected pixels. Row i of the
+    result equals ``deform_conv2d(...)[b, :, y, x]`` for the pixel
+    ``positions[i] = (b * H_out + y) * W_out + x`` when the dense offset and
+    mask hold ``offset[i]`` and ``mask[i]`` there.
+
+    Args:
+        input: (B, C_in, H, W).
+        offset: (M, 2 * G * kh * kw) offsets of the selected pixels, in
+            torchvision's channel order.
+        weight: (C_out, C_in / groups, kh, kw).
+        bias: (C_out,) or None.
+        positions: (M,) int64 flat indices into (B, H_out, W_out).
+        output_size: (H_out, W_out) of the dense output the positions index.
+        stride: int or (sh, sw).
+        padding: int or (ph, pw).
+        dilation: int or (dh, dw).
+        mask: (M, G * kh * kw) modulation, or None.
+
+    Returns:
+        (M, C_out).
+
+    Raises:
+        ValueError: On inconsistent shapes.
+    """
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    count = positions.shape[0]
+    out_h, out_w = output_size
+    dense_offset = offset.new_empty(input.shape[0], offset.shape[1], out_h, out_w)
+    dense_mask = None if mask is None else mask.new_empty(input.shape[0], mask.shape[1], out_h, out_w)
+    geometry = _geometry(input, dense_offset, weight, dense_mask, stride, padding, dilation)
+    if positions.dim() != 1 or offset.shape[0] != count or (mask is not None and mask.shape[0] != count):
+        raise ValueError(
+            f"positions must be (M,) and offset/mask must have M rows; got positions {tuple(positions.shape)}, "
+            f"offset {tuple(offset.shape)}, mask {None if mask is None else tuple(mask.shape)}"
+        )
+    return _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation)
+
+
+def _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation) -> torch.Tensor:
+    """Deformable convolution at flat output positions: (M,) -> (M, C_out)."""
+    columns = _sample_rows(input, offset, mask, positions, geometry, stride, padding, dilation)  # (M, taps, C_in)
+    groups, out_channels = geometry["groups"], geometry["out_channels"]
+    taps = geometry["kernel"][0] * geometry["kernel"][1]
+    count, width = columns.shape[0], taps * geometry["in_channels"] // groups
+
+    # weight (C_out, C_in / groups, kh, kw) -> (groups, taps * C_in / groups, C_out), matching the column order.
+    kernel = weight.reshape(groups, out_channels // groups, -1, taps).permute(0, 3, 2, 1)
+    kernel = kernel.reshape(groups, -1, out_channels // groups)
+    if groups == 1:
+        output = columns.reshape(count, width) @ kernel[0]
+    else:
+        grouped = columns.view(count, taps, groups, geometry["in_channels"] // groups).transpose(0, 2)  # (groups, taps, M, C_in / groups)
+        grouped = grouped.permute(0, 2, 1, 3).reshape(groups, count, width)  # (groups, M, taps * C_in / groups)
+        output = torch.bmm(grouped, kernel).transpose(0, 1).reshape(count, out_channels)
+    if bias is not None:
+        output = output + bias
+    return output  # (M, C_out)
+
+
+def _sample_rows(input, offset, mask, positions, geometry, stride, padding, dilation) -> torch.Tensor:
+    """Sample the input at every deformed tap of the given output pixels: (M, taps, C_in).
+
+    The four bilinear corners and their weights are computed once per
+    (pixel, tap, offset group) and shared by the group's channels. The input
+    is read as rows of a channels-last (B * H * W * G, C_in / G) matrix, so
+    each corner is one ``index_select`` of whole rows. A corner outside the
+    image gets weight 0, and its index is clamped to a valid row.
+    """
+    batch, in_channels = geometry["batch"], geometry["in_channels"]
+    height, width = geometry["height"], geometry["width"]
+    kernel_h, kernel_w = geometry["kernel"]
+    out_h, out_w = geometry["out"]
+    groups = geometry["offset_groups"]
+    taps = kernel_h * kernel_w
+    count = positions.shape[0]
+
+    # Regular grid position of every tap of every selected pixel, in input pixels.
+    sample = positions // (out_h * out_w)  # (M,)
+    row = (positions // out_w) % out_h
+    col = positions % out_w
+    tap_rows = (torch.arange(kernel_h, device=input.device) * dilation[0]).repeat_interleave(kernel_w)
+    tap_cols = (torch.arange(kernel_w, device=input.device) * dilation[1]).repeat(kernel_h)
+    base_y = (row * stride[0] - padding[0])[:, None] + tap_rows  # (M, taps)
+    base_x = (col * stride[1] - padding[1])[:, None] + tap_cols
+
+    offset = offset.view(count, groups, taps, 2).transpose(1, 2)  # (M, taps, G, 2)
+    y = base_y.to(offset.dtype)[..., None] + offset[..., 0]  # (M, taps, G)
+    x = base_x.to(offset.dtype)[..., None] + offset[..., 1]
+    y0, x0 = torch.floor(y), torch.floor(x)
+    dy, dx = y - y0, x - x0
+    y0, x0 = y0.long(), x0.long()
+    modulation = None if mask is None else mask.view(count, groups, taps).transpose(1, 2)  # (M, taps, G)
+
+    rows = input.view(batch, groups, in_channels // groups, height * width).permute(0, 3, 1, 2)
+    rows = rows.reshape(batch * height * width * groups, in_channels // groups)  # channels-last rows
+    group_index = torch.arange(groups, device=input.device)
+    sampled = 0
+    for corner_y, corner_x, weight in (
+        (y0, x0, (1 - dy) * (1 - dx)),
+        (y0, x0 + 1, (1 - dy) * dx),
+        (y0 + 1, x0, dy * (1 - dx)),
+        (y0 + 1, x0 + 1, dy * dx),
+    ):
+        inside = (corner_y >= 0) & (corner_y < height) & (corner_x >= 0) & (corner_x < width)
+        weight = weight * inside
+        if modulation is not None:
+            weight = weight * modulation
+        pixel = corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)
+        index = ((sample[:, None, None] * (height * width) + pixel) * groups + group_index).flatten()
+        values = rows.index_select(0, index).view(count, taps, groups, in_channels // groups)
+        sampled = sampled + values * weight[..., None]
+    return sampled.reshape(count, taps, in_channels)
 
 
 def _geometry(input, offset, weight, mask, stride, padding, dilation) -> dict:

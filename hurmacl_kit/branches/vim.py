@@ -14,7 +14,10 @@ the flipped sequence backwards (each direction with its own parameters),
 gates both with SiLU(z), sums them, projects back and adds the residual.
 
 With ``skip_easy_tokens`` a patch with no hard pixel is dropped from the
-sequence, so the scan costs in proportion to the hard-region size.
+sequence, so the scan costs in proportion to the hard-region size. The kept
+patches of each sample are packed to the front of a padded batch; the
+forward scan is causal and the backward scan reverses only each sample's
+kept prefix, so padding never reaches a kept token.
 
 References:
     L. Zhu et al., "Vision Mamba: Efficient Visual Representation Learning
@@ -122,15 +125,38 @@ class BidirectionalMambaBlock(nn.Module):
         self.backward_scan = SelectiveScanDirection(inner, config.d_state, config.d_conv, dt_rank)
         self.out_proj = nn.Linear(inner, config.d_model, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix the tokens along the sequence in both directions.
+
+        Args:
+            tokens: (B, L, D).
+            lengths: (B,) number of valid leading tokens per sample, or None
+                when all L are valid. The tokens after them are padding: the
+                backward scan reverses only the valid prefix, so padding
+                changes no valid token's output.
+
+        Returns:
+            (B, L, D).
+        """
         # tokens: (B, L, D)
         x, z = self.in_proj(self.norm(tokens)).transpose(1, 2).chunk(2, dim=1)  # (B, E, L) each
 
         forward_out = self.forward_scan(x, z)  # (B, E, L)
-        backward_out = self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)  # back to forward order
+        if lengths is None:
+            backward_out = self.backward_scan(x.flip(-1), z.flip(-1)).flip(-1)  # back to forward order
+        else:
+            reverse = _reverse_prefix_index(lengths, x.shape[-1]).unsqueeze(1).expand_as(x)  # (B, E, L)
+            backward_out = self.backward_scan(x.gather(-1, reverse), z.gather(-1, reverse))
+            backward_out = backward_out.gather(-1, reverse)  # the permutation is its own inverse
 
         mixed = (forward_out + backward_out).transpose(1, 2)  # (B, L, E)
         return tokens + self.out_proj(mixed)
+
+
+def _reverse_prefix_index(lengths: torch.Tensor, length: int) -> torch.Tensor:
+    """Return (B, L) indices that reverse the first lengths[b] positions of each row and keep the rest."""
+    position = torch.arange(length, device=lengths.device).expand(lengths.shape[0], length)
+    return torch.where(position < lengths[:, None], lengths[:, None] - 1 - position, position)
 
 
 class ViMBranch(nn.Module):
@@ -199,14 +225,16 @@ class ViMBranch(nn.Module):
                 tokens = block(tokens)
             return tokens
 
-        # Each sample keeps a different number of tokens, so scan them one sample at a time.
+        # Pack each sample's kept tokens, in order, to the front of a padded batch.
+        lengths = keep.sum(1)  # (B,)
+        packed_length = int(lengths.max())
         encoded = torch.zeros_like(tokens)
-        for sample in range(tokens.shape[0]):
-            index = keep[sample].nonzero().squeeze(1)
-            if index.numel() == 0:
-                continue
-            sequence = tokens[sample, index].unsqueeze(0)  # (1, L_kept, D)
-            for block in self.blocks:
-                sequence = block(sequence)
-            encoded = encoded.index_put((torch.full_like(index, sample), index), sequence[0])
-        return encoded
+        if packed_length == 0:
+            return encoded
+        order = torch.sort(keep.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :packed_length]
+        sequence = tokens.gather(1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # (B, L_kept_max, D)
+        for block in self.blocks:
+            sequence = block(sequence, lengths)
+
+        sample, slot = (torch.arange(packed_length, device=tokens.device) < lengths[:, None]).nonzero(as_tuple=True)
+        return encoded.index_put((sample, order[sample, slot]), sequence[sample, slot])
