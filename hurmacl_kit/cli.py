@@ -33,10 +33,10 @@ def _add_train(commands) -> None:
     train.add_argument("--out", required=True, help="output folder for checkpoint.pt and train_history.json")
     train.add_argument("--preset", default="demo", choices=sorted(PRESETS), help="base settings; default demo (CPU)")
     train.add_argument("--ablation", default="hurmacl", choices=list(ABLATIONS), help="model variant; default hurmacl")
-    train.add_argument("--steps", type=int, help="optimiser steps in the whole schedule")
-    train.add_argument("--batch-size", type=int, help="slices per step")
-    train.add_argument("--lr", type=float, help="initial learning rate (default 1e-3)")
-    train.add_argument("--patch-size", type=int, help="side of the random training crop in pixels; 0 for whole slices")
+    train.add_argument("--steps", type=int, help="optimiser steps in the whole schedule (default: from the preset)")
+    train.add_argument("--batch-size", type=int, help="slices per step (default: from the preset)")
+    train.add_argument("--lr", type=float, help="initial learning rate (default: from the preset, 1e-2 for quick and demo)")
+    train.add_argument("--patch-size", type=int, help="side of the random training crop in pixels, 0 for whole slices (default: from the preset)")
     train.add_argument("--threshold", type=float, help="uncertainty threshold T in (0, 1); default 0.001")
     train.add_argument("--seed", type=int, help="random seed; default 42")
     train.add_argument("--split", default="train", help="dataset.json split to train on; default train")
@@ -52,10 +52,10 @@ def _add_evaluate(commands) -> None:
     evaluate.add_argument("--out", required=True, help="folder for metrics_summary.json, metrics_per_case.csv, predictions/")
     evaluate.add_argument("--split", default="test", help="dataset.json split to evaluate; default test")
     evaluate.add_argument("--cases", nargs="+", help="explicit case ids instead of a split")
-    evaluate.add_argument("--save-predictions", type=int, default=1, help="cases whose NIfTI outputs are saved; default 1")
-    evaluate.add_argument("--inference-rule", choices=INFERENCE_RULES, help="override how branches join the U-Net")
+    evaluate.add_argument("--save-predictions", type=int, default=1, help="number of cases, in order, whose label and uncertainty NIfTI are saved; default 1")
+    evaluate.add_argument("--inference-rule", choices=INFERENCE_RULES, help="override how branches join the U-Net in hard regions (default: the checkpoint's, normally average)")
     evaluate.add_argument("--threshold", type=float, help="override the uncertainty threshold T")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (CUDA if present)")
 
 
 def _add_predict(commands) -> None:
@@ -64,7 +64,7 @@ def _add_predict(commands) -> None:
     predict.add_argument("--input", required=True, help="CT image, NIfTI in Hounsfield units")
     predict.add_argument("--labels-out", required=True, help="output label map (.nii.gz), same grid as the input")
     predict.add_argument("--uncertainty-out", required=True, help="output normalised-entropy map (.nii.gz)")
-    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto (CUDA if present)")
 
 
 def run_train(args) -> None:
@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         logger.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        logger.error("interrupted; checkpoints on disk are complete, so the same command resumes training")
+        return 130
     return 0
 
 

@@ -205,6 +205,8 @@ def train(
         NonFiniteLossError: If a loss becomes NaN or infinite.
         ValueError: If the checkpoint belongs to a different configuration.
     """
+    # Validate the model settings before loading cases or creating folders.
+    config.model_config(num_classes=len(data.load_dataset_info(config.data_root).labels))
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = output_dir / CHECKPOINT_NAME
@@ -295,7 +297,7 @@ def _restore(path, config, model, optimizer, device) -> tuple[int, list[dict]]:
     if differences:
         raise ValueError(
             f"{path} was written by a different run (saved, requested): {differences}. "
-            "Use another output folder, or pass resume=False (--no-resume) to start over"
+            "Use another output folder, or start over with --no-resume (resume=False in Python)"
         )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
