@@ -2,8 +2,8 @@
 
 HUR-MACL (high-uncertainty region-guided multi-architecture collaborative
 learning) adds two branches, a Vision Mamba encoder and a deformable CNN, to
-the hard regions of a 2D U-Net, where the hard region is the set of pixels
-whose normalised softmax entropy exceeds a threshold T. The branches learn
+the hard regions of a 2D U-Net. The hard region is the set of pixels whose
+normalised softmax entropy exceeds a threshold T. The branches learn
 from each other inside that region by heterogeneous feature distillation.
 
 Typical use::

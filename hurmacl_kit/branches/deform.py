@@ -4,7 +4,7 @@
 (torchvision 0.15 and later) with the same meaning and memory layout:
 
 - ``offset`` is (B, 2 * G * kh * kw, H_out, W_out). For offset group g and
-  kernel tap k = i * kw + j, channel g * 2 * kh * kw + 2 * k holds the row
+  kernel tap k = i * kw + j, channel g * 2 * kh * kw + 2 * k contains the row
   (y) offset and the next channel the column (x) offset, in pixels.
 - ``mask`` is (B, G * kh * kw, H_out, W_out) and scales each sampled value.
 - Input channels are split evenly over the G offset groups.

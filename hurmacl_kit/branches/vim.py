@@ -8,10 +8,11 @@ The branch reads the masked probability map M * p (B, C, H, W):
 3. run ``depth`` bidirectional Mamba blocks over the patch sequence;
 4. project each token back to P x P x C logits and crop to H x W.
 
-A bidirectional block normalises its input, projects it to x and z, runs a
-causal depthwise convolution and a selective scan over x forwards and over
-the flipped sequence backwards (each direction with its own parameters),
-gates both with SiLU(z), sums them, projects back and adds the residual.
+A bidirectional block normalises its input and projects it to x and z. Each
+direction, with its own parameters, runs a causal depthwise convolution and a
+selective scan: forwards over x, backwards over the flipped sequence. Both
+outputs are gated by SiLU(z) and summed, then projected back and added to
+the residual.
 
 With ``skip_easy_tokens`` a patch with no hard pixel is dropped from the
 sequence, so the scan costs in proportion to the hard-region size. The kept

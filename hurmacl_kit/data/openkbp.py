@@ -321,7 +321,7 @@ def discover_patients(
         Empty splits are left out.
 
     Raises:
-        ValueError: If ``source`` is not a folder, holds no patient folders,
+        ValueError: If ``source`` is not a folder, contains no patient folders,
             or lacks one of ``patients``.
     """
     source = Path(source)

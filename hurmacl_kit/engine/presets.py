@@ -6,8 +6,8 @@ A preset fills ``TrainConfig`` fields; command-line options override it.
 from __future__ import annotations
 
 # Small branches for CPU runs. With them a demo step at batch 8 on 96 x 96 crops
-# took about 0.4 s on 2 idle cores once the hard region fell below 10%, and
-# about 1.5 s while every pixel was hard (python -m hurmacl_kit train --preset demo).
+# took about 1.5 s on 2 idle cores while every pixel was hard. It took about
+# 0.4 s once the hard region fell below 10% (python -m hurmacl_kit train --preset demo).
 CPU_BRANCHES = dict(vim_d_model=16, vim_depth=1, vim_patch_size=8, dcnn_hidden=8, dcnn_layers=1)
 
 # NOTE: the CPU presets start at lr 1e-2, nnU-Net's initial rate, instead of HUR-MACL's

@@ -2,7 +2,7 @@
 
 Batch ``step`` is drawn from a generator seeded with (seed, step), and the
 augmentation draws depend on (seed, step, slice index) only, so a resumed
-run sees exactly the batches that an uninterrupted run would see.
+run receives exactly the batches of an uninterrupted run.
 """
 
 from __future__ import annotations
