@@ -110,10 +110,13 @@ def heterogeneous_distillation(
         vim_teaches = direction_map(ce_vim, ce_dcnn, hard_mask)
         dcnn_teaches = hard_mask & ~vim_teaches
 
-    kl_to_dcnn = kl_per_pixel(vim_logits, dcnn_logits, temperature)  # ViM teaches DCNN
-    kl_to_vim = kl_per_pixel(dcnn_logits, vim_logits, temperature)  # DCNN teaches ViM
-    loss_vim_to_dcnn = masked_mean(kl_to_dcnn, vim_teaches)
-    loss_dcnn_to_vim = masked_mean(kl_to_vim, dcnn_teaches)
+    # The KL terms are computed at the hard pixels only, as (M, C, 1, 1) columns.
+    vim_rows = vim_logits.permute(0, 2, 3, 1)[hard_mask][:, :, None, None]
+    dcnn_rows = dcnn_logits.permute(0, 2, 3, 1)[hard_mask][:, :, None, None]
+    kl_to_dcnn = kl_per_pixel(vim_rows, dcnn_rows, temperature).flatten()  # ViM teaches DCNN, (M,)
+    kl_to_vim = kl_per_pixel(dcnn_rows, vim_rows, temperature).flatten()  # DCNN teaches ViM
+    loss_vim_to_dcnn = masked_mean(kl_to_dcnn, vim_teaches[hard_mask])
+    loss_dcnn_to_vim = masked_mean(kl_to_vim, dcnn_teaches[hard_mask])
 
     return DistillationOutput(
         loss=loss_vim_to_dcnn + loss_dcnn_to_vim,

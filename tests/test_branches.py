@@ -265,30 +265,78 @@ def test_dcnn_offset_predictor_gets_gradient():
         assert layer[0].offset_predictor.weight.grad.abs().sum() > 0
 
 
-def test_dcnn_dense_path_ignores_mask():
-    branch = small_dcnn(sparse_below=0.0)
-    x = probabilities(1, 12, 12)
-
-    with_mask = branch(x, torch.zeros(1, 12, 12, dtype=torch.bool))
-
-    torch.testing.assert_close(with_mask, branch(x), rtol=0, atol=0)
-
-
-def test_dcnn_sparse_equals_dense_at_hard_pixels():
-    sparse = small_dcnn(sparse_below=1.0).double()
-    dense = small_dcnn(sparse_below=0.0).double()
-    dense.load_state_dict(sparse.state_dict())
+def dcnn_with_offsets(**overrides) -> DCNNBranch:
+    """A double-precision DCNN whose offset predictors give non-zero offsets."""
+    branch = small_dcnn(**overrides).double()
     with torch.no_grad():
-        for layer in list(sparse.layers) + list(dense.layers):
-            layer[0].offset_predictor.weight.normal_(0.0, 0.05)  # non-zero offsets
-        dense.load_state_dict(sparse.state_dict())
-    x = probabilities(2, 11, 13).double()
+        for layer in branch.layers:
+            layer[0].offset_predictor.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    return branch
+
+
+def scattered_mask() -> torch.Tensor:
     mask = torch.zeros(2, 11, 13, dtype=torch.bool)
-    mask[0, 2:5, 3:7] = True
-    mask[1, 8, 12] = True
+    mask[0, 2:5, 3:7] = True  # a block
+    mask[0, 0, 12] = True  # a corner pixel
+    mask[1, 8, 12] = True  # a lone pixel on the border
+    return mask
 
-    sparse_out = sparse(x, mask)
-    dense_out = dense(x, mask)
 
-    hard = mask.unsqueeze(1).expand_as(dense_out)
-    torch.testing.assert_close(sparse_out[hard], dense_out[hard], rtol=1e-10, atol=1e-10)
+def test_dcnn_without_mask_equals_all_hard():
+    branch = dcnn_with_offsets(sparse_below=0.0)
+    x = probabilities(1, 12, 12).double()
+
+    all_hard = branch(x, torch.ones(1, 12, 12, dtype=torch.bool))
+
+    torch.testing.assert_close(all_hard, branch(x), rtol=0, atol=0)
+
+
+def test_dcnn_logits_outside_mask_are_head_bias():
+    branch = dcnn_with_offsets(sparse_below=0.0)
+    mask = scattered_mask()
+
+    logits = branch(probabilities(2, 11, 13).double(), mask)
+
+    easy = logits.permute(0, 2, 3, 1)[~mask]  # (easy pixels, C)
+    torch.testing.assert_close(easy, branch.head.bias.expand_as(easy), rtol=0, atol=0)
+
+
+def test_dcnn_reads_only_hard_pixels_and_their_neighbours():
+    branch = dcnn_with_offsets(sparse_below=0.0)
+    mask = scattered_mask()
+    x = probabilities(2, 11, 13).double()
+    near = F.max_pool2d(mask.double().unsqueeze(1), 3, stride=1, padding=1).squeeze(1).bool()  # 3x3 dilation
+
+    changed = x.clone()
+    changed.permute(0, 2, 3, 1)[~near] = 0.5  # alter the input away from the hard region
+
+    torch.testing.assert_close(branch(changed, mask), branch(x, mask), rtol=0, atol=0)
+
+
+def test_dcnn_sparse_equals_dense_with_gradients():
+    dense = dcnn_with_offsets(sparse_below=0.0)
+    sparse = dcnn_with_offsets(sparse_below=1.0)
+    mask = scattered_mask()
+    x_dense = probabilities(2, 11, 13).double().requires_grad_()
+    x_sparse = x_dense.detach().clone().requires_grad_()
+    assert sparse._use_sparse(mask) and not dense._use_sparse(mask)
+
+    dense_out, sparse_out = dense(x_dense, mask), sparse(x_sparse, mask)
+    probe = torch.randn(dense_out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    (dense_out * probe).sum().backward()
+    (sparse_out * probe).sum().backward()
+
+    torch.testing.assert_close(sparse_out, dense_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_sparse.grad, x_dense.grad, rtol=1e-10, atol=1e-10)
+    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_dcnn_sampling_offsets_are_zero_outside_mask():
+    branch = dcnn_with_offsets()
+    mask = scattered_mask()
+
+    offsets = branch.sampling_offsets(probabilities(2, 11, 13).double(), mask)
+
+    assert all((offset.permute(0, 2, 3, 1)[~mask] == 0).all() for offset in offsets)
+    assert all(offset.abs().sum() > 0 for offset in offsets)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hurmacl_kit.branches.deform import bilinear_sample, deform_conv2d, torchvision_available
+from hurmacl_kit.branches.deform import bilinear_sample, conv2d_at, deform_conv2d, torchvision_available
 
 
 def random_case(in_channels, out_channels, groups, offset_groups, height, width, kernel, stride, padding, dilation):
@@ -258,3 +258,28 @@ def test_offset_channel_layout():
     expected = torch.zeros(6, 6, dtype=torch.float64)
     expected[:, :5] = image[0, 1, :, 1:]
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_conv2d_at_equals_conv2d(padding):
+    generator = torch.Generator().manual_seed(4)
+    image = torch.randn(2, 3, 6, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    kernel = 2 * padding + 1
+    weight = torch.randn(5, 3, kernel, kernel, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=generator, dtype=torch.float64)
+    positions = torch.tensor([0, 6, 41, 42, 50, 83])  # corners and borders of both images
+    probe = torch.randn(6, 5, generator=generator, dtype=torch.float64)
+
+    rows = conv2d_at(image, weight, bias, positions, padding=padding)
+    dense = F.conv2d(image, weight, bias, padding=padding).permute(0, 2, 3, 1).reshape(-1, 5)[positions]
+    rows_grads = torch.autograd.grad((rows * probe).sum(), (image, weight))
+    dense_grads = torch.autograd.grad((dense * probe).sum(), (image, weight))
+
+    torch.testing.assert_close(rows, dense, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(rows_grads, dense_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_at_rejects_kernel_padding_mismatch():
+    with pytest.raises(ValueError, match=r"\(3 x 3\) kernel over 2 channels for padding 1"):
+        conv2d_at(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 5, 5), None, torch.tensor([0]), padding=1)

@@ -275,3 +275,26 @@ def test_masked_loss_ignores_outside_pixels():
     assert masked_segmentation_loss(logits, target, mask).item() == pytest.approx(
         masked_segmentation_loss(changed, target, mask).item()
     )
+
+
+def test_masked_loss_equals_masked_map_formula():
+    from hurmacl_kit.models.losses import class_weights, masked_segmentation_loss
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 5, 6, generator=generator, dtype=torch.float64)
+    target = torch.randint(0, 3, (2, 5, 6), generator=generator)
+    mask = torch.rand(2, 5, 6, generator=generator) < 0.4
+
+    # The definition on whole maps: weighted CE over M, soft Dice of M * p against M * one_hot.
+    weight = class_weights(target, 3, mask).double()
+    pixel_ce = torch.nn.functional.cross_entropy(logits, target, weight=weight, reduction="none")
+    cross_entropy = (pixel_ce * mask).sum() / (weight[target] * mask).sum()
+    keep = mask[:, None].double()
+    probabilities = torch.softmax(logits, 1) * keep
+    one_hot = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).double() * keep
+    intersection, totals = (probabilities * one_hot).sum((0, 2, 3)), (probabilities + one_hot).sum((0, 2, 3))
+    dice = (2 * intersection + 1e-5) / (totals + 1e-5)
+    present = one_hot.sum((0, 2, 3))[1:] > 0
+    expected = cross_entropy + 1 - dice[1:][present].mean()
+
+    assert masked_segmentation_loss(logits, target, mask).item() == pytest.approx(expected.item(), rel=1e-12)

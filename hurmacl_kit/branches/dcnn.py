@@ -6,12 +6,24 @@ offsets (and, for DCNv2, a modulation mask) with a 3x3 convolution that
 starts at zero, so training starts from a plain convolution and learns to
 bend its sampling grid toward organ boundaries.
 
-With a hard-region mask covering less than ``DCNNConfig.sparse_below`` of
-the pixels, the last deformable layer and the head run at the hard pixels
-only (``deform_conv2d_at``). The stem and the earlier layers stay dense,
-because a deformable layer may sample its input anywhere. At hard pixels the
-result equals the dense computation up to float rounding. Outside them the
-sparse path returns the head applied to the features before the last layer.
+Given a hard-region mask M, the branch lives on the hard pixels only, in the
+manner of submanifold sparse convolutions: after the stem and after every
+residual layer the features are multiplied by M, so a layer reads zeros
+wherever the region is easy, and the logits there are the head's bias.
+This function can be computed two ways with the same result:
+
+- dense: every layer on the whole (B, F, H, W) map, then the multiplication;
+- sparse: every layer at the M hard pixels only (``conv2d_at`` and
+  ``deform_conv2d_at`` reading a zero canvas that holds the hard pixels'
+  features), so the cost is proportional to the hard fraction.
+
+The sparse path runs when the mask covers less than
+``DCNNConfig.sparse_below`` of the pixels. Without a mask every pixel is
+hard and the branch is an ordinary dense deformable CNN.
+
+References:
+    B. Graham, M. Engelcke, L. van der Maaten, "3D Semantic Segmentation
+    with Submanifold Sparse Convolutional Networks", CVPR 2018.
 """
 
 from __future__ import annotations
@@ -19,11 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-import torch.nn.functional as F
-
-from hurmacl_kit.branches.deform import deform_conv2d, deform_conv2d_at
+from hurmacl_kit.branches.deform import conv2d_at, deform_conv2d, deform_conv2d_at
 
 
 @dataclass
@@ -37,9 +48,9 @@ class DCNNConfig:
         num_layers: Deformable 3x3 layers after the plain 3x3 stem.
         modulated: Use DCNv2 modulation masks.
         offset_groups: Offset groups of each deformable layer.
-        sparse_below: Run the last layer at the hard pixels only when a mask
-            is given and covers less than this share of the pixels; 0 turns
-            the sparse path off.
+        sparse_below: Compute at the hard pixels only when a mask is given
+            and covers less than this share of the pixels; 0 turns the
+            sparse path off. Both paths give the same logits.
     """
 
     in_channels: int
@@ -48,9 +59,9 @@ class DCNNConfig:
     num_layers: int = 2
     modulated: bool = True
     offset_groups: int = 1
-    # NOTE: the break-even share was about 0.15-0.2 in benchmarks/bench_deform.py
-    # (2 shared CPU cores, noisy); re-measure on other hardware.
-    sparse_below: float = 0.15
+    # NOTE: on 2 CPU cores (batch 8, 128 x 128, forward plus backward) the sparse path cost
+    # 0.17x the dense one at 10% hard pixels and broke even near 50%; GPUs may differ.
+    sparse_below: float = 0.5
 
 
 class DeformConv2d(nn.Module):
@@ -98,13 +109,10 @@ class DeformConv2d(nn.Module):
         """
         # x: (B, C_in, H, W)
         size = tuple(x.shape[-2:])
-        taps = self.kernel_size**2
-        # The offset predictor is a plain 3x3 convolution: a deformable one with zero offsets.
-        zero_offset = x.new_zeros(positions.shape[0], 2 * taps)
         predictor = self.offset_predictor
-        predicted = deform_conv2d_at(x, zero_offset, predictor.weight, predictor.bias, positions, size, padding=1)
+        predicted = conv2d_at(x, predictor.weight, predictor.bias, positions, padding=1)  # (M, G * 9 * 3)
 
-        split = 2 * self.offset_groups * taps
+        split = 2 * self.offset_groups * self.kernel_size**2
         offset = predicted[:, :split]
         mask = 2.0 * torch.sigmoid(predicted[:, split:]) if self.modulated else None
         return deform_conv2d_at(x, offset, self.weight, self.bias, positions, size, padding=1, mask=mask)
@@ -148,51 +156,56 @@ class DCNNBranch(nn.Module):
 
         Args:
             x: (B, C, H, W) masked probabilities M * p.
-            mask: (B, H, W) hard-region mask, or None. A mask covering less
-                than ``config.sparse_below`` of the pixels selects the sparse
-                path (see the module docstring).
+            mask: (B, H, W) hard-region mask, or None for every pixel. The
+                features are kept on the hard pixels (see the module docstring).
 
         Returns:
-            (B, out_channels, H, W) logits, meaningful inside the hard region.
+            (B, out_channels, H, W) logits; the head's bias outside the mask.
         """
         # x: (B, C, H, W)
-        features = self.stem(x)  # (B, F, H, W)
-        if not self._use_sparse(mask):
-            for layer in self.layers:
-                features = features + layer(features)
-            return self.head(features)  # (B, C_out, H, W)
+        if self._use_sparse(mask):
+            return self._forward_sparse(x, mask)
 
-        for layer in self.layers[:-1]:
-            features = features + layer(features)
-        return self._last_layer_at_hard_pixels(features, mask)
+        keep = None if mask is None else mask.unsqueeze(1).to(x.dtype)  # (B, 1, H, W)
+        features = self._masked(self.stem(x), keep)  # (B, F, H, W)
+        for layer in self.layers:
+            features = self._masked(features + layer(features), keep)
+        return self.head(features)  # (B, C_out, H, W)
+
+    @staticmethod
+    def _masked(features: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return features if keep is None else features * keep
 
     def _use_sparse(self, mask: torch.Tensor | None) -> bool:
-        if mask is None or not self.layers or self.config.sparse_below <= 0:
+        if mask is None or self.config.sparse_below <= 0:
             return False
         return float(mask.float().mean()) < self.config.sparse_below
 
-    def _last_layer_at_hard_pixels(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        # features: (B, F, H, W); mask: (B, H, W)
-        batch, _, height, width = features.shape
-        deform, norm, activation = self.layers[-1]
-        positions = mask.reshape(-1).nonzero().squeeze(1)  # (M,)
+    def _forward_sparse(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W); mask: (B, H, W)
+        batch, _, height, width = x.shape
+        positions = mask.reshape(-1).nonzero().squeeze(1)  # (M,) flat indices into (B, H, W)
+        conv, norm, activation = self.stem
+        rows = activation(norm.norm(conv2d_at(x, conv.weight, conv.bias, positions, padding=1)))  # (M, F)
 
-        rows = features.permute(0, 2, 3, 1).reshape(batch * height * width, -1)  # (B*H*W, F)
-        update = activation(norm.norm(deform.forward_at(features, positions)))  # (M, F)
-        hard_rows = rows.index_select(0, positions) + update
+        for deform, norm, activation in self.layers:
+            canvas = rows.new_zeros(batch * height * width, rows.shape[1]).index_copy(0, positions, rows)
+            canvas = canvas.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, F, H, W), channels-last memory
+            rows = rows + activation(norm.norm(deform.forward_at(canvas, positions)))
 
         head_weight = self.head.weight.flatten(1)  # 1x1 convolution as a (C_out, F) matrix
-        logits = F.linear(rows, head_weight, self.head.bias)  # (B*H*W, C_out)
-        logits = logits.index_copy(0, positions, F.linear(hard_rows, head_weight, self.head.bias))
+        hard_logits = F.linear(rows, head_weight, self.head.bias)  # (M, C_out)
+        logits = self.head.bias.expand(batch * height * width, -1).index_copy(0, positions, hard_logits)
         return logits.view(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, C_out, H, W)
 
-    def sampling_offsets(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Return each deformable layer's offsets (B, 2*G*9, H, W), for visualisation."""
+    def sampling_offsets(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Return each deformable layer's offsets (B, 2*G*9, H, W) for visualisation, zero outside ``mask``."""
+        keep = None if mask is None else mask.unsqueeze(1).to(x.dtype)
         offsets = []
         with torch.no_grad():
-            features = self.stem(x)
+            features = self._masked(self.stem(x), keep)
             for layer in self.layers:
                 offset, _ = layer[0].offsets_and_mask(features)
-                offsets.append(offset)
-                features = features + layer(features)
+                offsets.append(self._masked(offset, keep))
+                features = self._masked(features + layer(features), keep)
         return offsets

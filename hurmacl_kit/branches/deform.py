@@ -18,7 +18,10 @@ compiled operator is used instead.
 only, so a caller that needs a sparse set of pixels pays for those alone. It
 reads the four corners of each sample with ``index_select`` from a
 channels-last copy of the input, weights them once for all channels of an
-offset group, and applies the weight with one matrix product.
+offset group, and applies the weight with one matrix product. An input that
+is already channels-last in memory (``x.permute(0, 2, 3, 1)`` of a
+contiguous (B, H, W, C) tensor) is read without a copy. ``conv2d_at`` is the
+plain convolution at chosen pixels: integer taps, one read per tap.
 
 References:
     J. Dai et al., "Deformable Convolutional Networks", ICCV 2017.
@@ -136,6 +139,52 @@ def deform_conv2d_at(
     return _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation)
 
 
+def conv2d_at(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    positions: torch.Tensor,
+    padding: int = 1,
+) -> torch.Tensor:
+    """Apply a stride-1 ``F.conv2d`` with 'same' output size at selected pixels only.
+
+    Args:
+        input: (B, C_in, H, W).
+        weight: (C_out, C_in, kh, kw) with kh = kw = 2 * padding + 1.
+        bias: (C_out,) or None.
+        positions: (M,) int64 flat indices ``(b * H + y) * W + x``.
+        padding: Zero padding on each side.
+
+    Returns:
+        (M, C_out), row i equal to ``F.conv2d(input, weight, bias, padding=padding)[b, :, y, x]``.
+
+    Raises:
+        ValueError: If the kernel is not (2 * padding + 1) square or the channels differ.
+    """
+    batch, channels, height, width = input.shape
+    out_channels, in_channels, kernel_h, kernel_w = weight.shape
+    if kernel_h != kernel_w or kernel_h != 2 * padding + 1 or in_channels != channels:
+        raise ValueError(
+            f"conv2d_at needs a ({2 * padding + 1} x {2 * padding + 1}) kernel over {channels} channels "
+            f"for padding {padding}; got weight {tuple(weight.shape)}"
+        )
+    count = positions.shape[0]
+
+    # Tap (i, j) of pixel (y, x) reads (y + i - padding, x + j - padding); taps outside the image read 0.
+    shifts = torch.arange(kernel_h, device=input.device) - padding
+    row = ((positions // width) % height)[:, None] + shifts.repeat_interleave(kernel_w)  # (M, taps)
+    col = (positions % width)[:, None] + shifts.repeat(kernel_h)
+    inside = (row >= 0) & (row < height) & (col >= 0) & (col < width)
+    pixel = (positions // (height * width))[:, None] * (height * width) + row.clamp(0, height - 1) * width
+    pixel = pixel + col.clamp(0, width - 1)
+
+    rows = input.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # free for channels-last input
+    columns = rows.index_select(0, pixel.flatten()).view(count, -1, channels)  # (M, taps, C_in)
+    columns = columns * inside[..., None].to(columns.dtype)
+    kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (C_out, taps * C_in), tap-major
+    return F.linear(columns.reshape(count, -1), kernel, bias)
+
+
 def _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation) -> torch.Tensor:
     """Deformable convolution at flat output positions: (M,) -> (M, C_out)."""
     columns = _sample_rows(input, offset, mask, positions, geometry, stride, padding, dilation)  # (M, taps, C_in)
@@ -191,8 +240,7 @@ def _sample_rows(input, offset, mask, positions, geometry, stride, padding, dila
     y0, x0 = y0.long(), x0.long()
     modulation = None if mask is None else mask.view(count, groups, taps).transpose(1, 2)  # (M, taps, G)
 
-    rows = input.view(batch, groups, in_channels // groups, height * width).permute(0, 3, 1, 2)
-    rows = rows.reshape(batch * height * width * groups, in_channels // groups)  # channels-last rows
+    rows = input.permute(0, 2, 3, 1).reshape(batch * height * width * groups, in_channels // groups)  # channels-last rows
     group_index = torch.arange(groups, device=input.device)
     sampled = 0
     for corner_y, corner_x, weight in (

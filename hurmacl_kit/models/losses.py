@@ -74,7 +74,9 @@ def masked_segmentation_loss(logits: torch.Tensor, target: torch.Tensor, mask: t
     """Segmentation loss of the masked prediction against the masked ground truth.
 
     Class-weighted cross-entropy is averaged over the masked pixels. Soft Dice compares
-    M * softmax(logits) with M * one_hot(target). An empty mask gives a
+    M * softmax(logits) with M * one_hot(target). Both are computed from the
+    masked pixels alone, which gives the same value as the full masked maps
+    at a cost proportional to the mask. An empty mask gives a
     graph-connected 0.
 
     Args:
@@ -84,15 +86,16 @@ def masked_segmentation_loss(logits: torch.Tensor, target: torch.Tensor, mask: t
     """
     if not bool(mask.any()):
         return logits.sum() * 0.0
-    pixel_mask = mask.unsqueeze(1).to(logits.dtype)  # (B, 1, H, W)
+    num_classes = logits.shape[1]
+    rows = logits.permute(0, 2, 3, 1)[mask]  # (M, C)
+    labels = target[mask]  # (M,)
 
-    weight = class_weights(target, logits.shape[1], mask).to(logits.device, logits.dtype)
-    cross_entropy = F.cross_entropy(logits, target, weight=weight, reduction="none")  # (B, H, W)
-    pixel_weight = weight[target] * mask  # F.cross_entropy's weighted mean, restricted to the mask
-    cross_entropy = (cross_entropy * mask).sum() / pixel_weight.sum()
+    weight = class_weights(labels, num_classes).to(logits.device, logits.dtype)
+    cross_entropy = F.cross_entropy(rows, labels, weight=weight)
 
-    probabilities = torch.softmax(logits, dim=1) * pixel_mask
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype) * pixel_mask
+    # Each masked pixel as a (C, 1, 1) "image": the batch sums of soft Dice then run over the mask.
+    probabilities = torch.softmax(rows, dim=1)[:, :, None, None]  # (M, C, 1, 1)
+    one_hot = F.one_hot(labels, num_classes).to(logits.dtype)[:, :, None, None]
     return cross_entropy + soft_dice_loss(probabilities, one_hot)
 
 
