@@ -9,9 +9,9 @@ Columns:
 - conv2d: ``F.conv2d``; the reference cost.
 - dense: ``deform_conv2d`` at every pixel. Target: at most 3x conv2d.
 - sparse 10%: ``deform_conv2d_at`` at a random 10% of the pixels, the way
-  ``DCNNBranch`` runs it on a hard region of that size.
-- grid_sample: the same dense convolution built on ``bilinear_sample``
-  (``F.grid_sample``), the kit's previous implementation.
+  ``DCNNBranch`` runs each layer on a hard region of that size. Random
+  pixels are the worst case for memory locality; a real hard region is a
+  band along organ boundaries. Target: at most 3x the dense conv2d.
 """
 
 from __future__ import annotations
@@ -26,23 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, median_seconds, print_table, verdict  # noqa: E402
 
-from hurmacl_kit.branches.deform import bilinear_sample, deform_conv2d, deform_conv2d_at  # noqa: E402
-
-
-def grid_sample_deform(x, offset, weight, bias, mask):
-    """Dense 3x3 deformable convolution (padding 1, one offset group) through ``bilinear_sample``."""
-    batch, channels, height, width = x.shape
-    rows = torch.arange(height, dtype=x.dtype) - 1
-    cols = torch.arange(width, dtype=x.dtype) - 1
-    tap_rows = torch.arange(3, dtype=x.dtype).repeat_interleave(3)
-    tap_cols = torch.arange(3, dtype=x.dtype).repeat(3)
-    offset = offset.view(batch, 1, 9, 2, height, width)
-    y = tap_rows[:, None, None] + rows[None, :, None] + offset[:, :, :, 0]
-    x_coord = tap_cols[:, None, None] + cols[None, None, :] + offset[:, :, :, 1]
-    sampled = bilinear_sample(x, y, x_coord, 1) * mask.view(batch, 1, 1, 9, height, width)
-    columns = sampled.reshape(batch, channels * 9, height * width)
-    output = weight.view(weight.shape[0], -1) @ columns + bias[:, None]
-    return output.view(batch, -1, height, width)
+from hurmacl_kit.branches.deform import deform_conv2d, deform_conv2d_at  # noqa: E402
 
 
 def make_case(batch: int, channels: int, size: int, seed: int = 0) -> dict:
@@ -74,7 +58,7 @@ def main() -> int:
     sizes = (96,) if args.quick else (96, 128)
 
     print(machine_info())
-    rows, met = [], True
+    rows, dense_met, sparse_met = [], True, True
     for channels in (8, 16):
         for size in sizes:
             case = make_case(args.batch, channels, size)
@@ -98,32 +82,27 @@ def main() -> int:
                     leaves["x"], offset, leaves["weight"], leaves["bias"], positions, (size, size), padding=1, mask=mask
                 )
 
-            def grid(leaves):
-                return grid_sample_deform(leaves["x"], leaves["offset"], leaves["weight"], leaves["bias"], leaves["mask"])
-
-            with torch.no_grad():
-                difference = float((dense(case) - grid(case)).abs().max())
             times = {
                 name: median_seconds(timed_step(function, case, grads if name != "conv2d" else ("x", "weight")), repeats)
-                for name, function in (("conv2d", conv), ("dense", dense), ("sparse", sparse), ("grid_sample", grid))
+                for name, function in (("conv2d", conv), ("dense", dense), ("sparse", sparse))
             }
-            ratio = times["dense"] / times["conv2d"]
-            met = met and ratio <= 3.0
+            dense_ratio, sparse_ratio = times["dense"] / times["conv2d"], times["sparse"] / times["conv2d"]
+            dense_met, sparse_met = dense_met and dense_ratio <= 3.0, sparse_met and sparse_ratio <= 3.0
             rows.append(
-                [args.batch, channels, size, times["conv2d"] * 1e3, times["dense"] * 1e3, ratio, verdict(ratio <= 3.0),
-                 times["sparse"] * 1e3, times["sparse"] / times["conv2d"], times["grid_sample"] * 1e3,
-                 times["grid_sample"] / times["conv2d"], difference]
+                [args.batch, channels, size, times["conv2d"] * 1e3, times["dense"] * 1e3, dense_ratio,
+                 verdict(dense_ratio <= 3.0), times["sparse"] * 1e3, sparse_ratio, verdict(sparse_ratio <= 3.0)]
             )
-            print(f"C={channels} {size}x{size}: dense / conv2d = {ratio:.2f}", flush=True)
+            print(f"C={channels} {size}x{size}: dense / conv2d = {dense_ratio:.2f}, sparse / conv2d = {sparse_ratio:.2f}", flush=True)
 
     print()
     print_table(
         ["B", "C", "H=W", "conv2d ms", "dense ms", "dense / conv2d", "target <= 3x",
-         f"sparse {args.sparse_fraction:.0%} ms", "sparse / conv2d", "grid_sample ms", "grid_sample / conv2d", "max |dense - grid_sample|"],
+         f"sparse {args.sparse_fraction:.0%} ms", "sparse / conv2d", "target <= 3x"],
         rows,
     )
     print(f"3x3, padding 1, modulated, forward + backward of mean(out^2), median of {repeats}")
-    print(f"RESULT deform dense: {verdict(met)} (deform_conv2d at most 3x conv2d)")
+    print(f"RESULT deform dense: {verdict(dense_met)} (deform_conv2d on every pixel at most 3x conv2d)")
+    print(f"RESULT deform sparse: {verdict(sparse_met)} (deform_conv2d_at on {args.sparse_fraction:.0%} of the pixels at most 3x conv2d)")
     return 0
 
 

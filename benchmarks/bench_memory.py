@@ -2,7 +2,8 @@
 
 Each configuration runs in its own subprocess (this file with ``--child``):
 it loads one real batch of 128 x 128 OpenKBP slices, builds the model and
-runs 2 training steps as ``bench_training_step`` does. The parent reads the
+runs 2 training steps as ``bench_training_step`` does (T = 0.001 on the
+untrained model for 100% hard, the organ-boundary band for 10%). The parent reads the
 child's peak resident set size from ``resource.getrusage(RUSAGE_CHILDREN)``
 (Linux reports ``ru_maxrss`` in KiB). The peak includes the Python
 interpreter, torch and the loaded cases. Target: at most 4 GiB.
@@ -23,13 +24,17 @@ GIB = 1024**3
 
 
 def child(ablation: str, sizes: str, fraction: float, batch_size: int) -> None:
-    from bench_training_step import SIZES, build, load_batch, threshold_for_fraction, training_step
+    from contextlib import nullcontext
+
+    from bench_training_step import SIZES, band_masks, build, load_batch, training_step
+    from common import forced_hard_regions
 
     batch = load_batch(batch_size)
     model, optimizer = build(ablation, SIZES[sizes], batch["image"].shape[1])
-    model.config.threshold = threshold_for_fraction(model, batch["image"], fraction)
-    for _ in range(2):
-        training_step(model, optimizer, batch["image"], batch["label"])
+    masks = band_masks(batch["label"], fraction) if fraction < 1.0 else None
+    with forced_hard_regions(lambda values: masks[tuple(values.shape[-2:])]) if masks else nullcontext():
+        for _ in range(2):
+            training_step(model, optimizer, batch["image"], batch["label"])
 
 
 def main() -> int:

@@ -6,8 +6,10 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -55,3 +57,55 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
     print("|" + "---|" * len(headers))
     for row in rows:
         print("| " + " | ".join(cell(value) for value in row) + " |")
+
+
+def boundary_band(label: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Return the ``fraction`` of each slice's pixels nearest to an organ boundary.
+
+    A trained model is uncertain along organ boundaries, in thin bands, while
+    an untrained one is uncertain everywhere and its most uncertain 10% of
+    pixels are scattered. The benchmarks therefore give the branches this
+    band as the hard region when they time a partly hard image. A slice
+    without organs gets the pixels nearest its centre.
+
+    Args:
+        label: (B, H, W) integer labels.
+        fraction: Share of pixels to mark, in (0, 1].
+
+    Returns:
+        (B, H, W) bool.
+    """
+    from scipy import ndimage
+
+    masks = []
+    for plane in label.cpu().numpy():
+        edges = ndimage.maximum_filter(plane, size=3) != ndimage.minimum_filter(plane, size=3)
+        if edges.any():
+            distance = ndimage.distance_transform_edt(~edges)
+        else:
+            rows, cols = np.indices(plane.shape)
+            distance = np.hypot(rows - plane.shape[0] / 2, cols - plane.shape[1] / 2)
+        count = max(1, int(round(fraction * plane.size)))
+        chosen = np.argsort(distance, axis=None, kind="stable")[:count]
+        mask = np.zeros(plane.size, dtype=bool)
+        mask[chosen] = True
+        masks.append(mask.reshape(plane.shape))
+    return torch.from_numpy(np.stack(masks)).to(label.device)
+
+
+@contextmanager
+def forced_hard_regions(choose_mask: Callable[[torch.Tensor], torch.Tensor]):
+    """Make HUR-MACL take its hard-region masks from ``choose_mask(uncertainty)`` instead of thresholding.
+
+    The model calls ``hurmacl_kit.uncertainty.hard_region_mask(U, T)`` once
+    per level; inside this context that call returns ``choose_mask(U)``, a
+    (B, H, W) bool mask of U's shape.
+    """
+    from hurmacl_kit import uncertainty
+
+    original = uncertainty.hard_region_mask
+    uncertainty.hard_region_mask = lambda values, threshold: choose_mask(values)
+    try:
+        yield
+    finally:
+        uncertainty.hard_region_mask = original

@@ -242,21 +242,19 @@ def _sample_rows(input, offset, mask, positions, geometry, stride, padding, dila
 
     rows = input.permute(0, 2, 3, 1).reshape(batch * height * width * groups, in_channels // groups)  # channels-last rows
     group_index = torch.arange(groups, device=input.device)
-    sampled = 0
-    for corner_y, corner_x, weight in (
-        (y0, x0, (1 - dy) * (1 - dx)),
-        (y0, x0 + 1, (1 - dy) * dx),
-        (y0 + 1, x0, dy * (1 - dx)),
-        (y0 + 1, x0 + 1, dy * dx),
-    ):
-        inside = (corner_y >= 0) & (corner_y < height) & (corner_x >= 0) & (corner_x < width)
-        weight = weight * inside
-        if modulation is not None:
-            weight = weight * modulation
-        pixel = corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)
-        index = ((sample[:, None, None] * (height * width) + pixel) * groups + group_index).flatten()
-        values = rows.index_select(0, index).view(count, taps, groups, in_channels // groups)
-        sampled = sampled + values * weight[..., None]
+    corner_y = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)  # (M, taps, G, 4)
+    corner_x = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+    weight = torch.stack([(1 - dy) * (1 - dx), (1 - dy) * dx, dy * (1 - dx), dy * dx], dim=-1)
+    inside = (corner_y >= 0) & (corner_y < height) & (corner_x >= 0) & (corner_x < width)
+    weight = weight * inside
+    if modulation is not None:
+        weight = weight * modulation[..., None]
+
+    # All four corners in one read; one (1 x 4) @ (4 x C/G) product per sample point.
+    pixel = corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)
+    index = (sample[:, None, None, None] * (height * width) + pixel) * groups + group_index[:, None]
+    values = rows.index_select(0, index.flatten()).view(-1, 4, in_channels // groups)  # (M * taps * G, 4, C/G)
+    sampled = torch.bmm(weight.reshape(-1, 1, 4), values)  # (M * taps * G, 1, C/G)
     return sampled.reshape(count, taps, in_channels)
 
 

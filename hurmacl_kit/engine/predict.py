@@ -36,18 +36,29 @@ class Prediction:
     hard_fraction: float
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Slices per inference batch: 4 on a CPU, 32 on a GPU.
+
+    On 2 CPU cores the U-Net segmented a 128^3 volume in 2.1-2.2 s with
+    batches of 2 or 4 slices and in 2.6-3.0 s with 16, as the activations of
+    a small batch stay in cache. A GPU needs large batches to be busy.
+    """
+    return 32 if torch.device(device).type == "cuda" else 4
+
+
 @torch.no_grad()
-def predict_case(model: HURMACL, case: data.Case, context: int, batch_size: int = 16) -> Prediction:
+def predict_case(model: HURMACL, case: data.Case, context: int, batch_size: int | None = None) -> Prediction:
     """Segment every axial slice of ``case``.
 
     Args:
         model: Trained model; it is switched to eval mode.
         case: The CT case (its label, if any, is ignored).
         context: Neighbour slices on each side, as in training.
-        batch_size: Slices per forward pass.
+        batch_size: Slices per forward pass; None picks ``default_batch_size(device)``.
     """
     model.eval()
     device = next(model.parameters()).device
+    batch_size = batch_size or default_batch_size(device)
     slices = data.volume_slices(case, context=context)  # (Z, C, X, Y)
 
     labels, uncertainty = [], []
@@ -85,7 +96,7 @@ def predict_file(
     label_output: str | os.PathLike,
     uncertainty_output: str | os.PathLike,
     device: str = "auto",
-    batch_size: int = 16,
+    batch_size: int | None = None,
 ) -> Prediction:
     """Turn a CT NIfTI (HU) into a label-map NIfTI and an uncertainty NIfTI.
 
