@@ -14,7 +14,7 @@ analytically:
   the modulation).
 
 Branches are counted on every pixel (100% hard), their largest cost. With
-a hard fraction f, the ViM tokens and the sparse DCNN layer scale with f.
+a hard fraction f, the ViM tokens and the DCNN layers (sparse below 50% hard) scale with f.
 """
 
 from __future__ import annotations
