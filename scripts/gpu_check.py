@@ -5,6 +5,9 @@
    B, C, D, z and delta_bias, float32, for several shapes and B/C forms.
 2. ``deform_conv2d(..., backend="torch")`` and ``deform_conv2d_at`` against
    ``torchvision.ops.deform_conv2d`` on CUDA, when torchvision imports.
+3. The DCNN branch's sparse path (every layer at the hard pixels) against
+   its dense path on CUDA, outputs and input gradients, at a 10% mask, in
+   float64 so that only a difference in the computation shows.
 
 It prints the max relative errors (max |a - b| / max |b|) and writes them
 with the date, the GPU name and the package versions to a JSON file. On a
@@ -20,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 
 import torch
 
+from hurmacl_kit.branches import DCNNBranch, DCNNConfig
 from hurmacl_kit.branches.deform import deform_conv2d, deform_conv2d_at
+from hurmacl_kit.io import atomic_write_json
 from hurmacl_kit.branches.scan import selective_scan
 
 # (batch, channels, state, length, B/C form)
@@ -40,7 +44,8 @@ TOLERANCE = 1e-4
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((value.double() - reference.double()).abs().max() / reference.double().abs().max().clamp_min(1e-30))
+    value, reference = value.detach().double(), reference.detach().double()
+    return float((value - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
 def scan_inputs(batch, channels, state, length, form, device):
@@ -118,6 +123,32 @@ def check_deform(device) -> list[dict]:
     return results
 
 
+def check_dcnn_sparse(device) -> list[dict]:
+    results = []
+    for hidden, layers in ((8, 1), (16, 2)):
+        torch.manual_seed(0)
+        dense = DCNNBranch(DCNNConfig(8, 8, hidden, layers, sparse_below=0.0)).to(device, torch.float64)
+        with torch.no_grad():
+            for layer in dense.layers:
+                layer[0].offset_predictor.weight.normal_(0.0, 0.5)
+        sparse = DCNNBranch(DCNNConfig(8, 8, hidden, layers, sparse_below=1.0)).to(device, torch.float64)
+        sparse.load_state_dict(dense.state_dict())
+        generator = torch.Generator(device="cpu").manual_seed(2)
+        mask = (torch.rand(8, 128, 128, generator=generator) < 0.1).to(device)
+        x = torch.softmax(torch.randn(8, 8, 128, 128, generator=generator, dtype=torch.float64), 1).to(device) * mask[:, None]
+        outputs, grads = [], []
+        for branch in (dense, sparse):
+            leaf = x.clone().requires_grad_()
+            out = branch(leaf, mask)
+            out.square().mean().backward()
+            outputs.append(out)
+            grads.append(leaf.grad)
+        errors = {"output": relative_error(outputs[1], outputs[0]), "input_grad": relative_error(grads[1], grads[0])}
+        print(f"DCNN sparse vs dense, hidden {hidden}, {layers} layer(s): {errors}")
+        results.append(dict(hidden=hidden, layers=layers, errors=errors))
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="gpu_check.json", help="path of the JSON result")
@@ -129,14 +160,16 @@ def main() -> int:
     device = torch.device("cuda")
     scan = check_scan(device)
     deform = check_deform(device)
-    worst = max([row["max"] for row in scan] + [max(row["errors"].values()) for row in deform], default=0.0)
+    dcnn = check_dcnn_sparse(device)
+    worst = max(
+        [row["max"] for row in scan] + [max(row["errors"].values()) for row in deform + dcnn], default=0.0
+    )
     result = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name(0), torch=torch.__version__, cuda=torch.version.cuda,
-        scan=scan, deform=deform, max_relative_error=worst, tolerance=TOLERANCE, passed=worst <= TOLERANCE,
+        scan=scan, deform=deform, dcnn_sparse=dcnn, max_relative_error=worst, tolerance=TOLERANCE, passed=worst <= TOLERANCE,
     )
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    atomic_write_json(args.output, result)
     print(f"max relative error {worst:.2e} (tolerance {TOLERANCE:g}); wrote {args.output}")
     return 0 if result["passed"] else 1
 

@@ -10,7 +10,7 @@ Given a hard-region mask M, the branch lives on the hard pixels only, in the
 manner of submanifold sparse convolutions: after the stem and after every
 residual layer the features are multiplied by M, so a layer reads zeros
 wherever the region is easy, and the logits there are the head's bias.
-This function can be computed two ways with the same result:
+This function can be computed two ways, equal up to float rounding:
 
 - dense: every layer on the whole (B, F, H, W) map, then the multiplication;
 - sparse: every layer at the M hard pixels only (``conv2d_at`` and
@@ -50,7 +50,7 @@ class DCNNConfig:
         offset_groups: Offset groups of each deformable layer.
         sparse_below: Compute at the hard pixels only when a mask is given
             and covers less than this share of the pixels; 0 turns the
-            sparse path off. Both paths give the same logits.
+            sparse path off. Both paths give the same logits up to rounding.
     """
 
     in_channels: int
