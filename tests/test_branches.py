@@ -340,3 +340,29 @@ def test_dcnn_sampling_offsets_are_zero_outside_mask():
 
     assert all((offset.permute(0, 2, 3, 1)[~mask] == 0).all() for offset in offsets)
     assert all(offset.abs().sum() > 0 for offset in offsets)
+
+
+def test_dcnn_sparse_path_handles_an_empty_mask():
+    branch = small_dcnn().double()
+    x = probabilities(2, 6, 5).double().requires_grad_()
+    empty = torch.zeros(2, 6, 5, dtype=torch.bool)
+    assert branch._use_sparse(empty)
+
+    logits = branch(x, empty)
+    logits.sum().backward()
+
+    torch.testing.assert_close(logits, branch.head.bias.view(1, -1, 1, 1).expand_as(logits), rtol=0, atol=0)
+    assert (x.grad == 0).all()
+
+
+def test_dcnn_paths_agree_at_initialisation():
+    # Fresh offset predictors give zero offsets, so every tap samples an integer position.
+    dense, sparse = small_dcnn(sparse_below=0.0).double(), small_dcnn(sparse_below=1.0).double()
+    x = probabilities(2, 11, 13).double()
+    mask = scattered_mask()
+
+    for branch in (dense, sparse):
+        branch(x, mask).square().sum().backward()
+
+    for (name, dense_parameter), sparse_parameter in zip(dense.named_parameters(), sparse.parameters()):
+        torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, rtol=1e-9, atol=1e-12, msg=name)

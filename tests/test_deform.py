@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hurmacl_kit.branches.deform import bilinear_sample, conv2d_at, deform_conv2d, torchvision_available
+from hurmacl_kit.branches.deform import bilinear_sample, conv2d_at, deform_conv2d, deform_conv2d_at, torchvision_available
 
 
 def random_case(in_channels, out_channels, groups, offset_groups, height, width, kernel, stride, padding, dilation):
@@ -283,3 +283,42 @@ def test_conv2d_at_equals_conv2d(padding):
 def test_conv2d_at_rejects_kernel_padding_mismatch():
     with pytest.raises(ValueError, match=r"\(3 x 3\) kernel over 2 channels for padding 1"):
         conv2d_at(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 5, 5), None, torch.tensor([0]), padding=1)
+
+
+def test_zero_offset_gradient_is_one_sided_like_the_sparse_path():
+    # At integer sampling positions (every tap of a fresh layer) bilinear sampling has a kink;
+    # both paths must take the forward difference x[y + 1] - x[y], as torchvision does.
+    image = torch.arange(49, dtype=torch.float64).view(1, 1, 7, 7) ** 2
+    weight = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    weight[0, 0, 1, 1] = 1.0  # centre tap only
+    dense_offset = torch.zeros(1, 18, 7, 7, dtype=torch.float64, requires_grad=True)
+    rows_offset = torch.zeros(49, 18, dtype=torch.float64, requires_grad=True)
+
+    deform_conv2d(image, dense_offset, weight, padding=1, backend="torch").sum().backward()
+    deform_conv2d_at(image, rows_offset, weight, None, torch.arange(49), (7, 7), padding=1).sum().backward()
+
+    dense_grad = dense_offset.grad.permute(0, 2, 3, 1).reshape(49, 18)
+    torch.testing.assert_close(dense_grad, rows_offset.grad, rtol=0, atol=1e-12)
+    row_gradient = dense_grad[:, 8].view(7, 7)  # d out / d (row offset) of the centre tap
+    assert row_gradient[0, 0].item() == 49.0  # x[1, 0] - x[0, 0] = 49 - 0
+    assert row_gradient[6, 0].item() == -1764.0  # the row below the image reads 0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: conv2d_at(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3), None, torch.tensor([16])),
+         r"positions must lie in \[0, 16\)"),
+        (lambda: conv2d_at(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3), None, torch.tensor([0.0])),
+         r"1-D int64 tensor"),
+        (lambda: deform_conv2d_at(torch.zeros(1, 1, 4, 4), torch.zeros(1, 18), torch.zeros(1, 1, 3, 3), None,
+                                  torch.tensor([0]), (5, 5), padding=1),
+         r"output_size \(5, 5\) does not match .* it must be \(4, 4\)"),
+        (lambda: deform_conv2d_at(torch.zeros(1, 1, 4, 4), torch.zeros(18), torch.zeros(1, 1, 3, 3), None,
+                                  torch.tensor([0]), (4, 4), padding=1),
+         r"offset and mask must be 2-D with one row per position \(1\); got offset \(18,\)"),
+    ],
+)
+def test_sparse_calls_name_the_bad_value(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

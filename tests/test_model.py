@@ -133,6 +133,21 @@ def test_hard_mask_follows_threshold():
     assert torch.equal(output.hard_mask, output.uncertainty > 0.5)
 
 
+def test_confident_everywhere_trains_and_predicts():
+    # T just below 1 leaves no hard pixel at any level: the branches get empty masks.
+    model = small_model(threshold=1.0 - 1e-12)
+    image, target = batch(32, 32)
+
+    outputs = model(image)
+    losses = model.compute_loss(outputs, target)
+    losses.total.backward()
+    probabilities, _ = model.predict_probabilities(image)
+
+    assert all(not output.hard_mask.any() for output in outputs if output.hard_mask is not None)
+    assert losses.hard_fraction == 0.0 and losses.loss2.item() == 0.0 and losses.loss3.item() == 0.0
+    torch.testing.assert_close(probabilities, torch.softmax(model.unet(image)[0], dim=1))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -19,8 +19,8 @@ only, so a caller that needs a sparse set of pixels pays for those alone. It
 reads the four corners of each sample with ``index_select`` from a
 channels-last copy of the input, weights them once for all channels of an
 offset group, and applies the weight with one matrix product. An input that
-is already channels-last in memory (``x.permute(0, 2, 3, 1)`` of a
-contiguous (B, H, W, C) tensor) is read without a copy. ``conv2d_at`` is the
+is already channels-last in memory (``t.permute(0, 3, 1, 2)`` of a
+contiguous (B, H, W, C) tensor t) is read without a copy. ``conv2d_at`` is the
 plain convolution at chosen pixels: integer taps, one read per tap.
 
 References:
@@ -126,16 +126,20 @@ def deform_conv2d_at(
         ValueError: On inconsistent shapes.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    count = positions.shape[0]
-    out_h, out_w = output_size
-    dense_offset = offset.new_empty(input.shape[0], offset.shape[1], out_h, out_w)
-    dense_mask = None if mask is None else mask.new_empty(input.shape[0], mask.shape[1], out_h, out_w)
-    geometry = _geometry(input, dense_offset, weight, dense_mask, stride, padding, dilation)
-    if positions.dim() != 1 or offset.shape[0] != count or (mask is not None and mask.shape[0] != count):
+    if input.dim() != 4:
+        raise ValueError(f"input must be (B, C_in, H, W), got shape {tuple(input.shape)}")
+    expected = _output_size(input.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    if tuple(output_size) != expected:
+        raise ValueError(f"output_size {tuple(output_size)} does not match this input and kernel; it must be {expected}")
+    count = _check_positions(positions, input.shape[0] * expected[0] * expected[1])
+    if offset.dim() != 2 or offset.shape[0] != count or (mask is not None and (mask.dim() != 2 or mask.shape[0] != count)):
         raise ValueError(
-            f"positions must be (M,) and offset/mask must have M rows; got positions {tuple(positions.shape)}, "
-            f"offset {tuple(offset.shape)}, mask {None if mask is None else tuple(mask.shape)}"
+            f"offset and mask must be 2-D with one row per position ({count}); got offset {tuple(offset.shape)}, "
+            f"mask {None if mask is None else tuple(mask.shape)}"
         )
+    dense_offset = offset.new_empty(input.shape[0], offset.shape[1], *expected)
+    dense_mask = None if mask is None else mask.new_empty(input.shape[0], mask.shape[1], *expected)
+    geometry = _geometry(input, dense_offset, weight, dense_mask, stride, padding, dilation)
     return _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation)
 
 
@@ -161,6 +165,8 @@ def conv2d_at(
     Raises:
         ValueError: If the kernel is not (2 * padding + 1) square or the channels differ.
     """
+    if input.dim() != 4:
+        raise ValueError(f"input must be (B, C_in, H, W), got shape {tuple(input.shape)}")
     batch, channels, height, width = input.shape
     out_channels, in_channels, kernel_h, kernel_w = weight.shape
     if kernel_h != kernel_w or kernel_h != 2 * padding + 1 or in_channels != channels:
@@ -168,7 +174,7 @@ def conv2d_at(
             f"conv2d_at needs a ({2 * padding + 1} x {2 * padding + 1}) kernel over {channels} channels "
             f"for padding {padding}; got weight {tuple(weight.shape)}"
         )
-    count = positions.shape[0]
+    count = _check_positions(positions, batch * height * width)
 
     # Tap (i, j) of pixel (y, x) reads (y + i - padding, x + j - padding); taps outside the image read 0.
     shifts = torch.arange(kernel_h, device=input.device) - padding
@@ -179,10 +185,28 @@ def conv2d_at(
     pixel = pixel + col.clamp(0, width - 1)
 
     rows = input.permute(0, 2, 3, 1).reshape(batch * height * width, channels)  # free for channels-last input
-    columns = rows.index_select(0, pixel.flatten()).view(count, -1, channels)  # (M, taps, C_in)
+    columns = rows.index_select(0, pixel.flatten()).view(count, kernel_h * kernel_w, channels)  # (M, taps, C_in)
     columns = columns * inside[..., None].to(columns.dtype)
     kernel = weight.permute(0, 2, 3, 1).reshape(out_channels, -1)  # (C_out, taps * C_in), tap-major
-    return F.linear(columns.reshape(count, -1), kernel, bias)
+    return F.linear(columns.reshape(count, kernel.shape[1]), kernel, bias)
+
+
+def _output_size(size, kernel, stride, padding, dilation) -> tuple[int, int]:
+    return tuple(
+        (size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+    )
+
+
+def _check_positions(positions: torch.Tensor, total: int) -> int:
+    """Return M for (M,) int64 flat indices in [0, total), or raise ValueError naming the bad value."""
+    if positions.dim() != 1 or positions.dtype != torch.int64:
+        raise ValueError(f"positions must be a 1-D int64 tensor, got {positions.dtype} of shape {tuple(positions.shape)}")
+    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < total):
+        raise ValueError(
+            f"positions must lie in [0, {total}) = [0, B * H_out * W_out); got values from "
+            f"{int(positions.min())} to {int(positions.max())}"
+        )
+    return positions.shape[0]
 
 
 def _deform_rows(input, offset, weight, bias, positions, mask, geometry, stride, padding, dilation) -> torch.Tensor:
@@ -268,8 +292,7 @@ def _geometry(input, offset, weight, mask, stride, padding, dilation) -> dict:
     groups = in_channels // group_channels
     taps = kernel_h * kernel_w
 
-    out_h = (height + 2 * padding[0] - dilation[0] * (kernel_h - 1) - 1) // stride[0] + 1
-    out_w = (width + 2 * padding[1] - dilation[1] * (kernel_w - 1) - 1) // stride[1] + 1
+    out_h, out_w = _output_size((height, width), (kernel_h, kernel_w), stride, padding, dilation)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"input {height}x{width} is too small for kernel {kernel_h}x{kernel_w} with this padding")
 
@@ -332,13 +355,20 @@ def bilinear_sample(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor, group
     batch, channels, height, width = input.shape
     sample_shape = y.shape[2:]
 
-    # grid_sample with align_corners=False maps pixel p to (2p + 1) / size - 1,
-    # which is valid for every size, including 1.
-    grid_x = (2.0 * x + 1.0) / width - 1.0
-    grid_y = (2.0 * y + 1.0) / height - 1.0
+    # grid_sample with align_corners=False maps pixel p to (2p + 1) / size - 1.
+    # Zero-padding the image on the bottom and right to power-of-two sizes makes
+    # that map and its inverse exact for integer p, so an integer coordinate
+    # (every tap of a fresh layer, whose offsets are 0) is not rounded to just
+    # below itself: its floor, and with it the one-sided offset gradient, is
+    # that of deform_conv2d_at and torchvision. The padding reads as zeros, like
+    # the outside of the image.
+    padded_h, padded_w = 1 << (height - 1).bit_length(), 1 << (width - 1).bit_length()
+    padded = F.pad(input, (0, padded_w - width, 0, padded_h - height))
+    grid_x = (2.0 * x + 1.0) / padded_w - 1.0
+    grid_y = (2.0 * y + 1.0) / padded_h - 1.0
     grid = torch.stack([grid_x, grid_y], dim=-1).reshape(batch * groups, -1, 1, 2)  # (B*G, S, 1, 2)
 
-    grouped = input.reshape(batch * groups, channels // groups, height, width)
+    grouped = padded.reshape(batch * groups, channels // groups, padded_h, padded_w)
     sampled = F.grid_sample(grouped, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return sampled.reshape(batch, groups, channels // groups, *sample_shape)
 
