@@ -11,7 +11,9 @@ worst case). For the 10% rows each slice's hard region is the 10% of its
 pixels nearest to an organ boundary (``common.boundary_band``), the shape of
 a trained model's hard region. When ``--checkpoint`` names a trained model
 (``make demo`` writes one), a last row runs it at T = 0.001 with the hard
-region it really produces. Targets, on a partly hard volume: at most 3 s
+region it really produces. Each HUR-MACL row is timed alternately with the
+U-Net, and its ratio divides by the U-Net runs of that pair, so that a drift
+of the machine during the run does not bias it. Targets, on a partly hard volume: at most 3 s
 per volume on 2 cores and at most 1.3x the U-Net. The 100% rows show the
 worst case.
 """
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import boundary_band, forced_hard_regions, machine_info, median_seconds, print_table, verdict  # noqa: E402
+from common import boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds, print_table, verdict  # noqa: E402
 
 from hurmacl_kit import data  # noqa: E402
 from hurmacl_kit import uncertainty as unc  # noqa: E402
@@ -84,17 +86,22 @@ def main() -> int:
     print(f"case {case_id}: volume {case.image.shape}")
 
     baseline_model = build("unet", {})
-    # A whole volume takes seconds, so one-time start-up costs are negligible and there is no warm-up run.
+    # The first volume of a process is slower than the next ones, so the U-Net, which runs first, gets an untimed run.
     predictions = []
-    baseline = median_seconds(lambda: predictions.append(predict_case(baseline_model, case, context=1)), repeats, warmup=0)
-    rows = [["U-Net", "-", "-", baseline, 1.0, verdict(baseline <= 3.0), "-"]]
-    fast_enough, ratio_met = baseline <= 3.0, True
+    baseline = median_seconds(lambda: predictions.append(predict_case(baseline_model, case, context=1)), repeats, warmup=1)
+    rows = [["U-Net", "-", "-", baseline, "-", 1.0, verdict(baseline <= 3.0), "-"]]
+    results = [("U-Net", baseline <= 3.0, None)]
 
-    def timed(model: HURMACL, band_fraction: float | None) -> tuple[float, float]:
-        """Return (median seconds, hard fraction) of predict_case, with boundary bands if a fraction is given."""
+    def run_baseline():
+        predict_case(baseline_model, case, context=1)
+
+    def timed(model: HURMACL, band_fraction: float | None) -> tuple[float, float, float]:
+        """Return (seconds, U-Net seconds, hard fraction), timing the model and the U-Net alternately."""
         if band_fraction is None:
-            seconds = median_seconds(lambda: predictions.append(predict_case(model, case, context=1)), repeats, warmup=0)
-            return seconds, predictions[-1].hard_fraction
+            seconds, unet_seconds = paired_median_seconds(
+                lambda: predictions.append(predict_case(model, case, context=1)), run_baseline, repeats
+            )
+            return seconds, unet_seconds, predictions[-1].hard_fraction
         bands = SliceBands(case.label, band_fraction)  # built once, outside the timed runs
 
         def run():
@@ -102,7 +109,8 @@ def main() -> int:
             with forced_hard_regions(bands):
                 predict_case(model, case, context=1)
 
-        return median_seconds(run, repeats, warmup=0), bands.fraction
+        seconds, unet_seconds = paired_median_seconds(run, run_baseline, repeats)
+        return seconds, unet_seconds, bands.fraction
 
     runs = [(sizes, fraction) for sizes in (("cpu preset",) if args.quick else ("default", "cpu preset")) for fraction in (0.1, 1.0)]
     if args.checkpoint and Path(args.checkpoint).is_file():
@@ -113,23 +121,24 @@ def main() -> int:
             model.config.threshold = unc.DEFAULT_THRESHOLD
         else:
             model = build("hurmacl", SIZES[sizes])
-        seconds, hard = timed(model, fraction if fraction is not None and fraction < 1.0 else None)
-        ratio = seconds / baseline
+        seconds, unet_seconds, hard = timed(model, fraction if fraction is not None and fraction < 1.0 else None)
+        ratio = seconds / unet_seconds
         partly_hard = fraction is None or fraction < 1.0
-        if partly_hard:
-            fast_enough, ratio_met = fast_enough and seconds <= 3.0, ratio_met and ratio <= 1.3
         region = "band" if fraction is not None and fraction < 1.0 else f"T = {unc.DEFAULT_THRESHOLD:g}"
+        if partly_hard:
+            results.append((f"HUR-MACL {sizes}, {hard:.1%} hard", seconds <= 3.0, ratio <= 1.3))
         rows.append([
-            f"HUR-MACL {sizes}", region, hard, seconds, ratio,
+            f"HUR-MACL {sizes}", region, hard, seconds, unet_seconds, ratio,
             verdict(seconds <= 3.0) if partly_hard else "-", verdict(ratio <= 1.3) if partly_hard else "-",
         ])
         print(f"HUR-MACL {sizes}, hard {hard:.1%}: {seconds:.2f} s, {ratio:.2f}x U-Net", flush=True)
 
     print()
-    print_table(["model", "hard region", "hard fraction", "seconds", "vs U-Net", "<= 3 s", "<= 1.3x"], rows)
+    print_table(["model", "hard region", "hard fraction", "seconds", "paired U-Net s", "vs U-Net", "<= 3 s", "<= 1.3x"], rows)
     print(f"one 128^3 volume, predict_case batch {default_batch_size(torch.device('cpu'))}, median of {repeats}")
-    print(f"RESULT inference time: {verdict(fast_enough)} (at most 3 s per 128^3 volume on this machine)")
-    print(f"RESULT inference ratio: {verdict(ratio_met)} (HUR-MACL at most 1.3x the U-Net on a partly hard volume)")
+    for name, fast_enough, ratio_met in results:
+        ratio_text = "" if ratio_met is None else f", {verdict(ratio_met)} at most 1.3x the U-Net"
+        print(f"RESULT inference, {name}: {verdict(fast_enough)} at most 3 s per 128^3 volume{ratio_text}")
     return 0
 
 

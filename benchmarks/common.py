@@ -109,3 +109,19 @@ def forced_hard_regions(choose_mask: Callable[[torch.Tensor], torch.Tensor]):
         yield
     finally:
         uncertainty.hard_region_mask = original
+
+
+def paired_median_seconds(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Time ``first`` and ``second`` alternately, ``repeats`` times each, and return their medians.
+
+    Alternating spreads a slow drift of the machine (another tenant, clock
+    changes) over both, so the ratio of the two medians is steadier than
+    that of two runs made one after the other.
+    """
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for function, record in ((first, times[0]), (second, times[1])):
+            start = time.perf_counter()
+            function()
+            record.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
