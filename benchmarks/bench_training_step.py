@@ -19,6 +19,8 @@ Models: the default ``HURMACLConfig`` sizes and the CPU preset
 (``hurmacl_kit.engine.presets.CPU_BRANCHES``). Target: HUR-MACL at most
 1.5x the U-Net step on a partly hard image (the 10% and checkpoint rows);
 the 100% rows are printed to show the cost growing with the hard region.
+Each HUR-MACL row is timed alternately with the U-Net of the same sizes
+("paired U-Net s"), and its ratio divides by those U-Net runs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import boundary_band, forced_hard_regions, machine_info, median_seconds, print_table, verdict  # noqa: E402
+from common import (  # noqa: E402
+    boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds, print_table, verdict,
+)
 
 from hurmacl_kit.engine.presets import CPU_BRANCHES  # noqa: E402
 from hurmacl_kit.engine.checkpoint import load_model  # noqa: E402
@@ -112,7 +116,7 @@ def main() -> int:
     image, label = batch["image"], batch["label"]
     print(f"batch: image {tuple(image.shape)}, label {tuple(label.shape)}, organ pixels {int((label > 0).sum())}")
 
-    rows, results, baseline = [], [], None
+    rows, results, baselines = [], [], {}
     steps = [(name, ablation, sizes, fraction, None) for name, ablation, sizes, fraction in configurations(args.quick)]
     if args.checkpoint and Path(args.checkpoint).is_file():
         steps.append(("HUR-MACL trained demo checkpoint", "checkpoint", "cpu preset", None, Path(args.checkpoint)))
@@ -121,20 +125,26 @@ def main() -> int:
         masks = band_masks(label, fraction) if fraction is not None and fraction < 1.0 else None
         with forced_hard_regions(lambda values: masks[tuple(values.shape[-2:])]) if masks else nullcontext():
             hard = training_step(model, optimizer, image, label)
-            seconds = median_seconds(lambda: training_step(model, optimizer, image, label), repeats, warmup=0)
-        if ablation == "unet":
-            baseline, hard = seconds, float("nan")
-        ratio = seconds / baseline
+            if ablation == "unet":
+                baselines[sizes] = lambda model=model, optimizer=optimizer: training_step(model, optimizer, image, label)
+                seconds = unet_seconds = median_seconds(baselines[sizes], repeats, warmup=0)
+                hard = float("nan")
+            else:
+                # Alternate with the U-Net of the same sizes, so a drift of the machine affects both.
+                seconds, unet_seconds = paired_median_seconds(
+                    lambda: training_step(model, optimizer, image, label), baselines[sizes], repeats
+                )
+        ratio = seconds / unet_seconds
         # The target is for a partly hard image; the 100% rows show how the cost grows with the hard region.
         met = None if ablation == "unet" or fraction == 1.0 else ratio <= 1.5
         if met is not None:
             results.append((name, met))
         hard_region = "band" if masks else f"T = {model.config.threshold:g}"
-        rows.append([name, hard_region, hard, seconds, ratio, "-" if met is None else verdict(met)])
+        rows.append([name, hard_region, hard, seconds, unet_seconds, ratio, "-" if met is None else verdict(met)])
         print(f"{name}: {seconds:.2f} s, {ratio:.2f}x U-Net", flush=True)
 
     print()
-    print_table(["model", "hard region", "hard fraction", "step s", "vs U-Net", "target <= 1.5x"], rows)
+    print_table(["model", "hard region", "hard fraction", "step s", "paired U-Net s", "vs U-Net", "target <= 1.5x"], rows)
     print(f"128 x 128, batch {args.batch}, real OpenKBP slices, forward + loss + backward + SGD, median of {repeats}")
     for name, met in results:
         print(f"RESULT training step, {name}: {verdict(met)} (HUR-MACL at most 1.5x the U-Net step)")
