@@ -25,14 +25,18 @@ def atomic_path(destination: str | os.PathLike, suffix: str = "") -> Iterator[Pa
             from the name (``.nii.gz`` for nibabel).
 
     Raises:
-        Any exception of the body. The temporary file is then removed and
-        ``destination`` keeps its previous content.
+        OSError: If the folder or the file cannot be written, naming ``destination``.
+        Any other exception of the body. In every case the temporary file is
+        removed and ``destination`` keeps its previous content.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=f".tmp{suffix}", dir=destination.parent
-    )
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(
+            prefix=f".{destination.name}.", suffix=f".tmp{suffix}", dir=destination.parent
+        )
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {destination}: {error.strerror}; choose a writable folder") from error
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -40,6 +44,8 @@ def atomic_path(destination: str | os.PathLike, suffix: str = "") -> Iterator[Pa
         # mkstemp creates the file with mode 0600; give it the usual mode for new files.
         os.chmod(temporary_path, 0o666 & ~_current_umask())
         os.replace(temporary_path, destination)
+    except OSError as error:
+        raise OSError(error.errno, f"cannot write {destination}: {error.strerror or error}; choose a writable folder") from error
     finally:
         temporary_path.unlink(missing_ok=True)
 

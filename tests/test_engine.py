@@ -140,9 +140,9 @@ def test_resume_truncated_checkpoint_raises(tmp_path):
     content = checkpoint.read_bytes()
     checkpoint.write_bytes(content[: len(content) // 2])
 
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt, truncated or another kind of file"):
         load_checkpoint(checkpoint)
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt, truncated or another kind of file"):
         train(tiny_config(tmp_path, steps=2), resume=True, progress=False)
 
 
@@ -240,3 +240,50 @@ def test_cli_missing_data_exits_2(tmp_path):
     assert str(missing) in completed.stderr
     assert "not found" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_garbage_checkpoint_raises_value_error(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("hello\n")
+
+    with pytest.raises(ValueError, match="garbage.pt is not a readable hurmacl-kit checkpoint"):
+        load_checkpoint(garbage)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_names_the_device():
+    from hurmacl_kit.engine.train import resolve_device
+
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available here"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+
+
+@pytest.mark.parametrize(
+    "context, batch_size, message",
+    [(0, None, r"context=0 gives 2 \* context \+ 1 input slices, but the model takes 3; use .* 1"),
+     (1, 0, "batch_size must be an integer of at least 1 slice, got 0"),
+     (1, 2.5, "got 2.5"),
+     (1, True, "got True")],
+)
+def test_predict_case_rejects_bad_arguments(context, batch_size, message):
+    from hurmacl_kit import data
+    from hurmacl_kit.engine.predict import predict_case
+    from hurmacl_kit.models import HURMACLConfig
+
+    model = HURMACL(HURMACLConfig.from_ablation("unet", in_channels=3, features=(4, 8, 16, 32, 64)))
+    case = data.Case("synthetic", np.zeros((16, 16, 2), np.float32), None, (1.0, 1.0, 1.0), np.eye(4))
+
+    with pytest.raises(ValueError, match=message):
+        predict_case(model, case, context=context, batch_size=batch_size)
+
+
+def test_unwritable_output_names_the_destination(tmp_path):
+    from hurmacl_kit.io import atomic_write_json
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+
+    with pytest.raises(OSError, match=r"cannot write .*a_file/out.json: .*; choose a writable folder"):
+        atomic_write_json(blocker / "out.json", {})

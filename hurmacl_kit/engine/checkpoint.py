@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -35,8 +36,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint not found: {path}; train first with `python -m hurmacl_kit train`")
     try:
         state = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({error}); retrain or restore a copy") from error
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{path} is not a readable hurmacl-kit checkpoint: corrupt, truncated or another kind of file ({error}); "
+            "retrain or restore a copy"
+        ) from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise ValueError(f"{path} is not a hurmacl-kit checkpoint (format {CHECKPOINT_FORMAT} with a 'model' entry)")
     return state

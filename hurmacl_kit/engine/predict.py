@@ -58,14 +58,21 @@ def predict_case(model: HURMACL, case: data.Case, context: int, batch_size: int 
         batch_size: Slices per forward pass; None picks ``default_batch_size(device)``.
 
     Raises:
-        ValueError: If ``batch_size`` is below 1.
+        ValueError: If ``batch_size`` is not a positive integer or ``context``
+            does not match the model's input channels.
     """
     model.eval()
     device = next(model.parameters()).device
     if batch_size is None:
         batch_size = default_batch_size(device)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1 slice, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer of at least 1 slice, got {batch_size!r}")
+    if not isinstance(context, int) or 2 * context + 1 != model.config.in_channels:
+        raise ValueError(
+            f"context={context!r} gives 2 * context + 1 input slices, but the model takes "
+            f"{model.config.in_channels}; use the context it was trained with, "
+            f"{(model.config.in_channels - 1) // 2} (train_config['context'] in its checkpoint)"
+        )
     slices = data.volume_slices(case, context=context)  # (Z, C, X, Y)
 
     labels, uncertainty = [], []
@@ -117,7 +124,7 @@ def predict_file(
     context = int(state["train_config"]["context"])
     image_path = Path(image_path)
     if not image_path.is_file():
-        raise FileNotFoundError(f"input image not found: {image_path}")
+        raise FileNotFoundError(f"input image not found: {image_path}; check the path given with --input")
 
     case = data.load_case(image_path)
     prediction = predict_case(model, case, context=context, batch_size=batch_size)

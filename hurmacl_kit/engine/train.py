@@ -92,8 +92,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but CUDA is not available here; use device='auto' or 'cpu'")
+        resolve_device(self.device)
 
     def model_config(self, num_classes: int) -> HURMACLConfig:
         """Return the ``HURMACLConfig`` of this run."""
@@ -121,10 +120,20 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """Map "auto" to CUDA when available, else CPU."""
+    """Map "auto" to CUDA when available, else CPU.
+
+    Raises:
+        ValueError: If ``name`` is CUDA on a machine without it, or is not a device name.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda'") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available here; use device='auto' or 'cpu'")
+    return device
 
 
 def seed_everything(seed: int) -> None:
