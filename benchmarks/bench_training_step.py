@@ -128,7 +128,7 @@ def main() -> int:
             if ablation == "unet":
                 baselines[sizes] = lambda model=model, optimizer=optimizer: training_step(model, optimizer, image, label)
                 seconds = unet_seconds = median_seconds(baselines[sizes], repeats, warmup=0)
-                hard = float("nan")
+                hard = "-"
             else:
                 # Alternate with the U-Net of the same sizes, so a drift of the machine affects both.
                 seconds, unet_seconds = paired_median_seconds(
