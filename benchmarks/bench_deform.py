@@ -10,8 +10,8 @@ Columns:
 - dense: ``deform_conv2d`` at every pixel. Target: at most 3x conv2d.
 - sparse 10%: ``deform_conv2d_at`` at a random 10% of the pixels, the way
   ``DCNNBranch`` runs each layer on a hard region of that size. Random
-  pixels are the worst case for memory locality; a real hard region is a
-  band along organ boundaries. Target: at most 3x the dense conv2d.
+  pixels are the worst case for memory locality, since a real hard region
+  is a band along organ boundaries. Target: at most 3x the dense conv2d.
 """
 
 from __future__ import annotations

@@ -28,7 +28,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds, print_table, verdict  # noqa: E402
+from common import (  # noqa: E402
+    add_checkpoint_argument, boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds,
+    print_table, verdict,
+)
 
 from hurmacl_kit import data  # noqa: E402
 from hurmacl_kit import uncertainty as unc  # noqa: E402
@@ -39,7 +42,6 @@ from hurmacl_kit.models import HURMACL, HURMACLConfig  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SIZES = {"default": {}, "cpu preset": CPU_BRANCHES}
-DEMO_CHECKPOINT = REPOSITORY / "runs" / "demo" / "checkpoint.pt"
 
 
 def build(ablation: str, sizes: dict) -> HURMACL:
@@ -72,10 +74,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU preset only, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 2, quick 1)")
-    parser.add_argument(
-        "--checkpoint", default=str(DEMO_CHECKPOINT),
-        help="trained checkpoint for the last row, skipped when missing (default: %(default)s)",
-    )
+    add_checkpoint_argument(parser)
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
 

@@ -34,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds, print_table, verdict,
+    add_checkpoint_argument, boundary_band, forced_hard_regions, machine_info, median_seconds, paired_median_seconds,
+    print_table, verdict,
 )
 
 from hurmacl_kit.engine.presets import CPU_BRANCHES  # noqa: E402
@@ -45,7 +46,6 @@ from hurmacl_kit.models.losses import downsample_labels  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 SIZES = {"default": {}, "cpu preset": CPU_BRANCHES}
-DEMO_CHECKPOINT = REPOSITORY / "runs" / "demo" / "checkpoint.pt"
 
 
 def load_batch(batch_size: int = 8, split: str = "validation", step: int = 0) -> dict:
@@ -104,10 +104,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CPU preset only, 2 repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per row (default 3, quick 2)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument(
-        "--checkpoint", default=str(DEMO_CHECKPOINT),
-        help="trained CPU-preset checkpoint for the last row, skipped when missing (default: %(default)s)",
-    )
+    add_checkpoint_argument(parser)
     args = parser.parse_args()
     repeats = args.repeats or (2 if args.quick else 3)
 
@@ -135,7 +132,7 @@ def main() -> int:
                     lambda: training_step(model, optimizer, image, label), baselines[sizes], repeats
                 )
         ratio = seconds / unet_seconds
-        # The target is for a partly hard image; the 100% rows show how the cost grows with the hard region.
+        # The target is for a partly hard image. The 100% rows show how the cost grows with the hard region.
         met = None if ablation == "unet" or fraction == 1.0 else ratio <= 1.5
         if met is not None:
             results.append((name, met))

@@ -9,8 +9,14 @@ import time
 from contextlib import contextmanager
 from typing import Callable
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import torch
+
+# The checkpoint that `make demo` writes; the training and inference benchmarks add a row for it.
+DEMO_CHECKPOINT = Path(__file__).resolve().parent.parent / "runs" / "demo" / "checkpoint.pt"
 
 
 def machine_info() -> str:
@@ -98,7 +104,7 @@ def forced_hard_regions(choose_mask: Callable[[torch.Tensor], torch.Tensor]):
     """Make HUR-MACL take its hard-region masks from ``choose_mask(uncertainty)`` instead of thresholding.
 
     The model calls ``hurmacl_kit.uncertainty.hard_region_mask(U, T)`` once
-    per level; inside this context that call returns ``choose_mask(U)``, a
+    per level. Inside this context that call returns ``choose_mask(U)``, a
     (B, H, W) bool mask of U's shape.
     """
     from hurmacl_kit import uncertainty
@@ -125,3 +131,11 @@ def paired_median_seconds(first: Callable[[], object], second: Callable[[], obje
             function()
             record.append(time.perf_counter() - start)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--checkpoint``: a trained CPU-preset checkpoint timed in a last row when the file exists."""
+    parser.add_argument(
+        "--checkpoint", default=str(DEMO_CHECKPOINT),
+        help="trained CPU-preset checkpoint for the last row, skipped when missing (default: %(default)s)",
+    )

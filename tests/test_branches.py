@@ -291,7 +291,7 @@ def test_dcnn_without_mask_equals_all_hard():
     torch.testing.assert_close(all_hard, branch(x), rtol=0, atol=0)
 
 
-def test_dcnn_logits_outside_mask_are_head_bias():
+def test_dcnn_easy_logits_are_bias():
     branch = dcnn_with_offsets(sparse_below=0.0)
     mask = scattered_mask()
 
@@ -301,7 +301,7 @@ def test_dcnn_logits_outside_mask_are_head_bias():
     torch.testing.assert_close(easy, branch.head.bias.expand_as(easy), rtol=0, atol=0)
 
 
-def test_dcnn_reads_only_hard_pixels_and_their_neighbours():
+def test_dcnn_reads_hard_neighbourhood_only():
     branch = dcnn_with_offsets(sparse_below=0.0)
     mask = scattered_mask()
     x = probabilities(2, 11, 13).double()
@@ -313,13 +313,14 @@ def test_dcnn_reads_only_hard_pixels_and_their_neighbours():
     torch.testing.assert_close(branch(changed, mask), branch(x, mask), rtol=0, atol=0)
 
 
-def test_dcnn_sparse_equals_dense_with_gradients():
+def test_dcnn_sparse_equals_dense():
     dense = dcnn_with_offsets(sparse_below=0.0)
     sparse = dcnn_with_offsets(sparse_below=1.0)
     mask = scattered_mask()
     x_dense = probabilities(2, 11, 13).double().requires_grad_()
     x_sparse = x_dense.detach().clone().requires_grad_()
-    assert sparse._use_sparse(mask) and not dense._use_sparse(mask)
+    assert sparse._use_sparse(mask)
+    assert not dense._use_sparse(mask)
 
     dense_out, sparse_out = dense(x_dense, mask), sparse(x_sparse, mask)
     probe = torch.randn(dense_out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -332,17 +333,18 @@ def test_dcnn_sparse_equals_dense_with_gradients():
         torch.testing.assert_close(sparse_parameter.grad, dense_parameter.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_dcnn_sampling_offsets_are_zero_outside_mask():
+def test_dcnn_offsets_zero_outside_mask():
     branch = dcnn_with_offsets()
     mask = scattered_mask()
 
     offsets = branch.sampling_offsets(probabilities(2, 11, 13).double(), mask)
 
-    assert all((offset.permute(0, 2, 3, 1)[~mask] == 0).all() for offset in offsets)
-    assert all(offset.abs().sum() > 0 for offset in offsets)
+    for offset in offsets:
+        assert (offset.permute(0, 2, 3, 1)[~mask] == 0).all()
+        assert offset.abs().sum() > 0
 
 
-def test_dcnn_sparse_path_handles_an_empty_mask():
+def test_dcnn_sparse_empty_mask():
     branch = small_dcnn().double()
     x = probabilities(2, 6, 5).double().requires_grad_()
     empty = torch.zeros(2, 6, 5, dtype=torch.bool)

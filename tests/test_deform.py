@@ -285,9 +285,9 @@ def test_conv2d_at_rejects_kernel_padding_mismatch():
         conv2d_at(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 5, 5), None, torch.tensor([0]), padding=1)
 
 
-def test_zero_offset_gradient_is_one_sided_like_the_sparse_path():
-    # At integer sampling positions (every tap of a fresh layer) bilinear sampling has a kink;
-    # both paths must take the forward difference x[y + 1] - x[y], as torchvision does.
+def test_integer_offset_gradient_forward_difference():
+    # Bilinear sampling has a kink at integer positions, where every tap of a fresh layer samples.
+    # Both paths take the forward difference x[y + 1] - x[y] there, as torchvision does.
     image = torch.arange(49, dtype=torch.float64).view(1, 1, 7, 7) ** 2
     weight = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
     weight[0, 0, 1, 1] = 1.0  # centre tap only
@@ -319,6 +319,6 @@ def test_zero_offset_gradient_is_one_sided_like_the_sparse_path():
          r"offset and mask must be 2-D with one row per position \(1\); got offset \(18,\)"),
     ],
 )
-def test_sparse_calls_name_the_bad_value(call, message):
+def test_sparse_call_errors(call, message):
     with pytest.raises(ValueError, match=message):
         call()

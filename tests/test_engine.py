@@ -242,7 +242,7 @@ def test_cli_missing_data_exits_2(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-def test_garbage_checkpoint_raises_value_error(tmp_path):
+def test_garbage_checkpoint_raises(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_text("hello\n")
 
@@ -251,7 +251,7 @@ def test_garbage_checkpoint_raises_value_error(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_gpu_names_the_device():
+def test_cuda_without_gpu_raises():
     from hurmacl_kit.engine.train import resolve_device
 
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available here"):
@@ -267,7 +267,7 @@ def test_cuda_without_gpu_names_the_device():
      (1, 2.5, "got 2.5"),
      (1, True, "got True")],
 )
-def test_predict_case_rejects_bad_arguments(context, batch_size, message):
+def test_predict_case_bad_arguments(context, batch_size, message):
     from hurmacl_kit import data
     from hurmacl_kit.engine.predict import predict_case
     from hurmacl_kit.models import HURMACLConfig
@@ -279,7 +279,7 @@ def test_predict_case_rejects_bad_arguments(context, batch_size, message):
         predict_case(model, case, context=context, batch_size=batch_size)
 
 
-def test_unwritable_output_names_the_destination(tmp_path):
+def test_unwritable_output_names_destination(tmp_path):
     from hurmacl_kit.io import atomic_write_json
 
     blocker = tmp_path / "a_file"

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The packages the README tells users they get.
+# Packages of the toolkit's stack that the set-up must install.
 PROMISED = {
     "torch", "einops", "nibabel", "simpleitk", "jupyterlab", "ipywidgets",
     "plotly", "papermill", "nbval", "pytest",
@@ -18,7 +18,7 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0].lower()
 
 
-def test_environment_file_pins_the_makefile_torch():
+def test_environment_pins_makefile_torch():
     environment = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip_lines = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
     makefile_torch = re.search(r"^TORCH_SPEC \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
@@ -28,7 +28,7 @@ def test_environment_file_pins_the_makefile_torch():
     assert '-e ".[notebooks,test,bench]"' in pip_lines
 
 
-def test_promised_packages_are_installed_by_the_extras():
+def test_extras_install_promised_packages():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     requirements = project["dependencies"] + extras["notebooks"] + extras["test"] + extras["bench"]

@@ -6,11 +6,12 @@ offsets (and, for DCNv2, a modulation mask) with a 3x3 convolution that
 starts at zero, so training starts from a plain convolution and learns to
 bend its sampling grid toward organ boundaries.
 
-Given a hard-region mask M, the branch lives on the hard pixels only, in the
-manner of submanifold sparse convolutions: after the stem and after every
-residual layer the features are multiplied by M, so a layer reads zeros
-wherever the region is easy, and the logits there are the head's bias.
-This function can be computed two ways, equal up to float rounding:
+Given a hard-region mask M, the branch keeps its features on the hard
+pixels only, in the manner of submanifold sparse convolutions. After the stem
+and after every residual layer the features are multiplied by M. A layer
+therefore reads zeros wherever the region is easy, and the logits there are
+the head's bias. This function can be computed two ways, equal up to float
+rounding:
 
 - dense: every layer on the whole (B, F, H, W) map, then the multiplication;
 - sparse: every layer at the M hard pixels only (``conv2d_at`` and
@@ -59,8 +60,8 @@ class DCNNConfig:
     num_layers: int = 2
     modulated: bool = True
     offset_groups: int = 1
-    # NOTE: on 2 CPU cores (batch 8, 128 x 128, forward plus backward) the sparse path cost
-    # 0.17x the dense one at 10% hard pixels and broke even near 50%; GPUs may differ.
+    # NOTE: measured on 2 CPU cores only (batch 8, 128 x 128, forward plus backward): the sparse
+    # path cost 0.17x the dense one at 10% hard pixels and broke even between 40% and 60%.
     sparse_below: float = 0.5
 
 

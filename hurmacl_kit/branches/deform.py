@@ -123,7 +123,8 @@ def deform_conv2d_at(
         (M, C_out).
 
     Raises:
-        ValueError: On inconsistent shapes.
+        ValueError: On inconsistent shapes, an ``output_size`` that does not
+            follow from the input and kernel, or positions out of range.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if input.dim() != 4:
@@ -163,7 +164,8 @@ def conv2d_at(
         (M, C_out), row i equal to ``F.conv2d(input, weight, bias, padding=padding)[b, :, y, x]``.
 
     Raises:
-        ValueError: If the kernel is not (2 * padding + 1) square or the channels differ.
+        ValueError: If the kernel is not (2 * padding + 1) square, the channels
+            differ, or positions are out of range.
     """
     if input.dim() != 4:
         raise ValueError(f"input must be (B, C_in, H, W), got shape {tuple(input.shape)}")
@@ -274,7 +276,7 @@ def _sample_rows(input, offset, mask, positions, geometry, stride, padding, dila
     if modulation is not None:
         weight = weight * modulation[..., None]
 
-    # All four corners in one read; one (1 x 4) @ (4 x C/G) product per sample point.
+    # One read gathers all four corners, and one (1 x 4) @ (4 x C/G) product per sample point mixes them.
     pixel = corner_y.clamp(0, height - 1) * width + corner_x.clamp(0, width - 1)
     index = (sample[:, None, None, None] * (height * width) + pixel) * groups + group_index[:, None]
     values = rows.index_select(0, index.flatten()).view(-1, 4, in_channels // groups)  # (M * taps * G, 4, C/G)
@@ -356,12 +358,11 @@ def bilinear_sample(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor, group
     sample_shape = y.shape[2:]
 
     # grid_sample with align_corners=False maps pixel p to (2p + 1) / size - 1.
-    # Zero-padding the image on the bottom and right to power-of-two sizes makes
-    # that map and its inverse exact for integer p, so an integer coordinate
-    # (every tap of a fresh layer, whose offsets are 0) is not rounded to just
-    # below itself: its floor, and with it the one-sided offset gradient, is
-    # that of deform_conv2d_at and torchvision. The padding reads as zeros, like
-    # the outside of the image.
+    # With power-of-two sizes this map and its inverse are exact for integer p,
+    # so the zero padding below keeps an integer coordinate (every tap of a fresh
+    # layer) from rounding to just below itself. Its floor, and so the one-sided
+    # offset gradient, then match deform_conv2d_at and torchvision. The padding
+    # reads as zeros, like the outside of the image.
     padded_h, padded_w = 1 << (height - 1).bit_length(), 1 << (width - 1).bit_length()
     padded = F.pad(input, (0, padded_w - width, 0, padded_h - height))
     grid_x = (2.0 * x + 1.0) / padded_w - 1.0
